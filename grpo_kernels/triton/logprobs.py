@@ -127,22 +127,38 @@ def _check_supported(logits: torch.Tensor) -> None:
         raise TypeError(f"backend='triton' takes float32, bfloat16 or float16 logits, got {logits.dtype}")
 
 
+def forward_launch(logits: torch.Tensor, ids: torch.Tensor, temperature: float, out: torch.Tensor):
+    """(kernel, grid, args, meta) of the forward sweep writing out[0..3] = logprobs, entropy, lse, mean_z."""
+    B, T, V = logits.shape
+    block_v, num_warps = _launch_config(V)
+    args = (logits, ids, *out.unbind(0), B * T, T, logits.stride(0), logits.stride(1), V, 1.0 / temperature)
+    meta = dict(BLOCK_V=block_v, ROWS_ALIGNED=_rows_aligned(logits), num_warps=num_warps)
+    return _logprobs_fwd_kernel, (B * T,), args, meta
+
+
+def backward_launch(logits: torch.Tensor, ids: torch.Tensor, temperature: float, lse: torch.Tensor,
+                    mean_z: torch.Tensor, grad_logprobs: torch.Tensor, grad_entropy: torch.Tensor | None,
+                    grad_out: torch.Tensor):
+    """(kernel, grid, args, meta) of the backward sweep writing grad_out."""
+    B, T, V = logits.shape
+    block_v, num_warps = _launch_config(V)
+    has_grad_entropy = grad_entropy is not None
+    args = (logits, grad_out, ids, lse, mean_z, grad_logprobs, grad_entropy if has_grad_entropy else grad_logprobs,
+            B * T, T, logits.stride(0), logits.stride(1), grad_out.stride(0), grad_out.stride(1), V, 1.0 / temperature)
+    meta = dict(BLOCK_V=block_v, ROWS_ALIGNED=_rows_aligned(logits) and _rows_aligned(grad_out),
+                HAS_GRAD_ENTROPY=has_grad_entropy, num_warps=num_warps)
+    return _logprobs_bwd_kernel, (B * T,), args, meta
+
+
 def forward(logits: torch.Tensor, ids: torch.Tensor, temperature: float):
     """logits (B, T, V), ids (B, T) -> logprobs, entropy, lse, mean_z, each (B, T) fp32."""
     _check_supported(logits)
-    B, T, V = logits.shape
-    ids = ids.contiguous()
+    B, T, _ = logits.shape
     out = torch.empty((4, B, T), dtype=torch.float32, device=logits.device)
-    logprobs, entropy, lse, mean_z = out.unbind(0)
-    n_rows = B * T
-    if n_rows > 0:
-        block_v, num_warps = _launch_config(V)
-        _logprobs_fwd_kernel[(n_rows,)](
-            logits, ids, logprobs, entropy, lse, mean_z,
-            n_rows, T, logits.stride(0), logits.stride(1), V, 1.0 / temperature,
-            BLOCK_V=block_v, ROWS_ALIGNED=_rows_aligned(logits), num_warps=num_warps,
-        )
-    return logprobs, entropy, lse, mean_z
+    if B * T > 0:
+        kernel, grid, args, meta = forward_launch(logits, ids.contiguous(), temperature, out)
+        kernel[grid](*args, **meta)
+    return out.unbind(0)
 
 
 def backward(logits: torch.Tensor, ids: torch.Tensor, temperature: float, lse: torch.Tensor,
@@ -150,21 +166,12 @@ def backward(logits: torch.Tensor, ids: torch.Tensor, temperature: float, lse: t
              grad_out: torch.Tensor) -> None:
     """Writes dL/dlogits into grad_out (B, T, V), which may alias logits."""
     _check_supported(logits)
-    B, T, V = logits.shape
-    n_rows = B * T
-    if n_rows == 0:
+    B, T, _ = logits.shape
+    if B * T == 0:
         return
-    ids = ids.contiguous()
-    if grad_logprobs is None:
-        grad_logprobs = torch.zeros_like(lse)
-    grad_logprobs = grad_logprobs.float().contiguous()
-    has_grad_entropy = grad_entropy is not None
-    grad_entropy = grad_entropy.float().contiguous() if has_grad_entropy else grad_logprobs
-    block_v, num_warps = _launch_config(V)
-    _logprobs_bwd_kernel[(n_rows,)](
-        logits, grad_out, ids, lse, mean_z, grad_logprobs, grad_entropy,
-        n_rows, T, logits.stride(0), logits.stride(1), grad_out.stride(0), grad_out.stride(1), V,
-        1.0 / temperature,
-        BLOCK_V=block_v, ROWS_ALIGNED=_rows_aligned(logits) and _rows_aligned(grad_out),
-        HAS_GRAD_ENTROPY=has_grad_entropy, num_warps=num_warps,
-    )
+    # The (B, T) upstream gradients may arrive expanded or in float64: make them plain fp32 rows.
+    grad_logprobs = torch.zeros_like(lse) if grad_logprobs is None else grad_logprobs.float().contiguous()
+    grad_entropy = None if grad_entropy is None else grad_entropy.float().contiguous()
+    kernel, grid, args, meta = backward_launch(logits, ids.contiguous(), temperature, lse, mean_z,
+                                               grad_logprobs, grad_entropy, grad_out)
+    kernel[grid](*args, **meta)

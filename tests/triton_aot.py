@@ -1,0 +1,110 @@
+"""Compile the package's Triton kernels ahead of time for GPU targets, on a machine without a GPU.
+
+Run in a process WITHOUT TRITON_INTERPRET (the interpreter replaces @triton.jit functions
+with objects the compiler cannot read). Each launcher in the package exposes
+`*_launch(...) -> (kernel, grid, args, meta)`; binding those arguments with Triton's own
+binder gives exactly the signature, constexprs and specialisation a real launch would
+compile, so what is checked here is what a GPU would run.
+
+    python tests/triton_aot.py      # prints one JSON line per (kernel variant, arch)
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource, make_backend
+from triton.runtime.jit import JITFunction, create_function_from_signature
+
+ARCHS = (80, 90)
+
+
+def as_jit(kernel) -> JITFunction:
+    """The JITFunction behind a kernel (under the interpreter, a fresh one from its .fn)."""
+    if isinstance(kernel, JITFunction):
+        return kernel
+    kw = {k: v for k, v in kernel.kwargs.items() if k in ("do_not_specialize", "do_not_specialize_on_alignment")}
+    return JITFunction(kernel.fn, **kw)
+
+
+def bind(kernel, args, meta, arch: int = 90):
+    """Triton's own (specialisation, options) for a launch; equal keys mean one compiled kernel."""
+    jit = as_jit(kernel)
+    backend = make_backend(GPUTarget("cuda", arch, 32))
+    binder = create_function_from_signature(jit.signature, jit.params, backend)
+    bound, specialization, options = binder(*args, **meta)
+    return jit, backend, bound, specialization, options
+
+
+def specialization_key(kernel, args, meta) -> str:
+    _, _, _, specialization, options = bind(kernel, args, meta)
+    return repr((specialization, sorted(options.items())))
+
+
+def compile_launch(kernel, args, meta, arch: int):
+    jit, backend, bound, specialization, options = bind(kernel, args, meta, arch)
+    options, signature, constexprs, attrs = jit._pack_args(backend, options, bound, specialization, options)
+    return triton.compile(ASTSource(jit, signature, constexprs, attrs), target=GPUTarget("cuda", arch, 32),
+                          options=options.__dict__)
+
+
+def resource_usage(cubin: bytes) -> dict[str, int]:
+    """REG, STACK, SHARED and LOCAL of the kernel in a cubin, read by the cuobjdump Triton ships."""
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True,
+                              check=True).stdout
+    line = next(line for line in text.splitlines() if "REG:" in line)
+    return {k.lower(): int(v) for k, v in re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", line)}
+
+
+def report(name: str, compiled, arch: int) -> dict:
+    """What can be checked without a GPU: registers, spills (stack/local), shared memory, vector loads."""
+    ptx = compiled.asm["ptx"]
+    return {
+        "kernel": name,
+        "arch": arch,
+        "num_warps": compiled.metadata.num_warps,
+        **resource_usage(compiled.asm["cubin"]),
+        "ld_global_v4": len(re.findall(r"ld\.global(?:\.\w+)*\.v4", ptx)),
+        "ld_global": len(re.findall(r"ld\.global", ptx)),
+    }
+
+
+def shipped_launches():
+    """One launch of every kernel variant we ship: each dtype, aligned or not, each flag."""
+    from grpo_kernels.triton import logprobs as sweep
+
+    for dtype in sweep.SUPPORTED_DTYPES:
+        for V in (151936, 1001):  # rows aligned (V % 16 == 0) and not
+            base = torch.empty(2, 5, V, dtype=dtype)
+            logits = base[:, :-1]  # the strided view trainers pass
+            B, T = logits.shape[:2]
+            ids = torch.zeros(B, T, dtype=torch.int64)
+            out = torch.empty(4, B, T)
+            name = f"{str(dtype).removeprefix('torch.')}-V{V}"
+            yield ("fwd-" + name, *sweep.forward_launch(logits, ids, 1.0, out))
+            for entropy_grad in (False, True):
+                yield (f"bwd-{name}-entropy{int(entropy_grad)}",
+                       *sweep.backward_launch(logits, ids, 1.0, out[2], out[3], out[0],
+                                              out[1] if entropy_grad else None, torch.empty(B, T, V, dtype=dtype)))
+
+
+def main() -> int:
+    for name, kernel, _grid, args, meta in shipped_launches():
+        for arch in ARCHS:
+            print(json.dumps(report(name, compile_launch(kernel, args, meta, arch), arch)), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

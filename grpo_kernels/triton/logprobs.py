@@ -22,6 +22,9 @@ import triton.language as tl
 # T (or a new slice of the logits) reuses the compiled kernel. Alignment of the rows is
 # passed instead as the ROWS_ALIGNED flag, which depends on V and dtype only.
 _RUNTIME_INTS = ["n_rows", "T", "stride_b", "stride_t"]
+# Pointers read or written once per row: their alignment (which moves with B * T when
+# they are views of one buffer) buys nothing, so it must not select a compiled variant.
+_PER_ROW_POINTERS = ["ids_ptr", "lse_ptr", "mean_z_ptr"]
 
 
 @triton.jit
@@ -35,7 +38,8 @@ def _row_offset(row, T, stride_b, stride_t, ROWS_ALIGNED: tl.constexpr):
     return offset
 
 
-@triton.jit(do_not_specialize=_RUNTIME_INTS)
+@triton.jit(do_not_specialize=_RUNTIME_INTS,
+            do_not_specialize_on_alignment=_PER_ROW_POINTERS + ["logprobs_ptr", "entropy_ptr"])
 def _logprobs_fwd_kernel(
     logits_ptr, ids_ptr, logprobs_ptr, entropy_ptr, lse_ptr, mean_z_ptr,
     n_rows, T, stride_b, stride_t, V, inv_temperature,
@@ -76,7 +80,8 @@ def _logprobs_fwd_kernel(
     tl.store(mean_z_ptr + row, mean_z)
 
 
-@triton.jit(do_not_specialize=_RUNTIME_INTS + ["grad_stride_b", "grad_stride_t"])
+@triton.jit(do_not_specialize=_RUNTIME_INTS + ["grad_stride_b", "grad_stride_t"],
+            do_not_specialize_on_alignment=_PER_ROW_POINTERS + ["grad_logprobs_ptr", "grad_entropy_ptr"])
 def _logprobs_bwd_kernel(
     logits_ptr, grad_ptr, ids_ptr, lse_ptr, mean_z_ptr, grad_logprobs_ptr, grad_entropy_ptr,
     n_rows, T, stride_b, stride_t, grad_stride_b, grad_stride_t, V, inv_temperature,

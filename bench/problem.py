@@ -1,0 +1,230 @@
+"""One benchmark shape: realistic random inputs, the float64 oracle, and the error of a result.
+
+Every implementation is handed the same storage: the model's output buffer of shape
+(B, T+1, V), whose last position predicts nothing. Liger-Kernel takes that whole buffer
+(its documented convention); everyone else takes the strided view [:, :-1] that a trainer
+makes, as SPEC section 1 requires to work without a copy. The gradient is taken with
+respect to that view, so no implementation is charged for autograd's slice-backward copy
+(a cost of the trainer, not of the loss).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from grpo_kernels import reference
+from grpo_kernels.options import GRPOOptions
+
+# Logits are Gaussian with this scale: a softmax over 32k-152k entries then has an entropy
+# of a few nats, like a language model's, and the sampled tokens' log-probs are of order
+# -1 to -10 rather than -log V. That keeps the comparison fair to eager PyTorch, whose bf16
+# log-probs round to 2^-8 of their magnitude: uniform random ids (l ~ -12) would make it
+# look far less accurate than it is in training.
+LOGIT_SCALE = 4.0
+# Spread of log pi_old and log pi_ref around log pi_theta. Ratios exp(0.3 n) land outside
+# the clip band [0.8, 1.28] about half the time, as after a few policy updates (mu > 1),
+# so both branches of the clipped objective are exercised and validated.
+LOGPROB_NOISE = 0.3
+# Completions lose up to 1/8 of their length to padding: the mask matters, yet the bytes
+# of every row are still (almost all) part of the work, so GB/s stay comparable.
+MAX_PAD_FRACTION = 8
+# Elements per chunk when a helper here walks the rows (sampling, the oracle): big
+# enough to amortise launches, small enough to leave the GPU's memory to the candidates.
+CHUNK_ELEMENTS = 1 << 25
+
+# A result is accepted when max(loss error, gradient error) is below this. It is a gate
+# against wrong answers (a mis-called API or a broken kernel errs by O(1)), set above the
+# rounding that a correct implementation in each dtype shows: a bf16 gradient is rounded
+# to within 2^-8 of each element. The loss error is relative to the larger of |loss| and
+# the mean |advantage| over the tokens, the size of its terms: terms of both signs cancel,
+# and the rounding of each term must not count as a large error of a small sum. The test
+# suite holds our kernels to SPEC section 5's tighter bounds (1e-5 fp32, 1e-2 bf16).
+TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-2}
+# How far, relative to max(1, |l|), a log-prob may be off when an implementation rounds it
+# to the logits' dtype (eager PyTorch in bf16 does): four half-ulps of that dtype. The
+# clipped objective's gradient jumps where the ratio crosses 1 - eps_low or 1 + eps_high,
+# so a row whose exact log-ratio lies within this of a clip bound may legitimately get the
+# other side's gradient; such rows are left out of the gradient check (not of the loss).
+LOGPROB_ROUNDING = {torch.float32: 2.0**-22, torch.bfloat16: 2.0**-6, torch.float16: 2.0**-9}
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One point of the grid: the shape and the objective's variant."""
+
+    n_tokens: int
+    vocab: int
+    dtype: str  # a key of DTYPES, as written to the results
+    beta: float
+    level: str  # importance_sampling_level: "token" or "sequence" (GSPO)
+    seq_len: int  # T; the batch is n_tokens / T sequences
+
+    def __post_init__(self) -> None:
+        if self.n_tokens % self.seq_len:
+            raise ValueError(f"n_tokens={self.n_tokens} is not a multiple of seq_len={self.seq_len}")
+
+    @property
+    def batch(self) -> int:
+        return self.n_tokens // self.seq_len
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def logits_bytes(self) -> int:
+        return self.n_tokens * self.vocab * self.torch_dtype.itemsize
+
+    @property
+    def options(self) -> dict:
+        """The keywords of fused_grpo_loss / reference.grpo_loss for this case.
+
+        DAPO aggregation with clip-higher (epsilon_high = 0.28) is TRL's recommended
+        setting and every implementation supports it. The bias-corrected KL (TRL's and our
+        default) is on at token level, where all implementations compute the same exact
+        gradient. At sequence level they disagree on it (TRL weights the KL with the
+        sequence ratio, TRL issue 6586; Liger drops a term of that gradient; we use the
+        token ratio), so there it is off and every implementation computes one objective.
+        Either way it changes one per-token coefficient, not the bytes moved.
+        """
+        return dict(loss_type="dapo", beta=self.beta, epsilon_low=0.2, epsilon_high=0.28, temperature=1.0,
+                    importance_sampling_level=self.level, use_bias_correction_kl=self.level == "token")
+
+
+@dataclass
+class Problem:
+    """The inputs of one case, on one device."""
+
+    case: Case
+    padded: torch.Tensor  # (B, T+1, V) logits as a model returns them; position T is never read
+    ids: torch.Tensor  # (B, T) int64, sampled from softmax(logits)
+    advantages: torch.Tensor  # (B,) fp32
+    mask: torch.Tensor  # (B, T) int64, ones then padding, as TRL's completion_mask
+    old: torch.Tensor  # (B, T) fp32 log pi_old
+    ref: torch.Tensor | None  # (B, T) fp32 log pi_ref; None when beta == 0
+
+    @property
+    def logits(self) -> torch.Tensor:
+        """The (B, T, V) strided view a trainer passes: logits[:, t] predicts ids[:, t]."""
+        return self.padded[:, :-1]
+
+
+def _row_chunks(B: int, T: int, V: int):
+    """(b, t-slice) pairs covering (B, T) in chunks of about CHUNK_ELEMENTS elements."""
+    rows = max(1, CHUNK_ELEMENTS // V)
+    for b in range(B):
+        for t0 in range(0, T, rows):
+            yield b, slice(t0, min(t0 + rows, T))
+
+
+def make_problem(case: Case, device: torch.device, seed: int = 0) -> Problem:
+    """Fresh random inputs for `case`, reproducible from `seed`."""
+    B, T, V = case.batch, case.seq_len, case.vocab
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(shape, generator=gen, device=device)
+
+    # Drawn in the logits' own dtype: no float32 N x V temporary on the way.
+    padded = torch.empty((B, T + 1, V), dtype=case.torch_dtype, device=device).normal_(0.0, LOGIT_SCALE,
+                                                                                      generator=gen)
+    logits = padded[:, :-1]
+    ids = torch.empty((B, T), dtype=torch.int64, device=device)
+    logprobs = torch.empty((B, T), dtype=torch.float32, device=device)
+    for b, ts in _row_chunks(B, T, V):
+        z = logits[b, ts].float()
+        # Gumbel-max: argmax(z + G) with G ~ Gumbel(0, 1) is a sample from softmax(z).
+        u = torch.rand(z.shape, generator=gen, device=device).clamp_(min=1e-20)
+        y = (z - torch.log(-torch.log(u))).argmax(-1)
+        ids[b, ts] = y
+        logprobs[b, ts] = z.log_softmax(-1).gather(-1, y.unsqueeze(-1)).squeeze(-1)
+
+    lengths = T - torch.randint(0, T // MAX_PAD_FRACTION + 1, (B,), generator=gen, device=device)
+    mask = (torch.arange(T, device=device) < lengths.unsqueeze(1)).to(torch.int64)
+    old = logprobs + LOGPROB_NOISE * randn(B, T)
+    ref = logprobs + LOGPROB_NOISE * randn(B, T) if case.beta != 0.0 else None
+    return Problem(case, padded, ids, randn(B), mask, old, ref)
+
+
+@dataclass
+class Oracle:
+    """The float64 reference loss, and its gradient at a sample of rows."""
+
+    loss: float
+    loss_scale: float  # mean |A| over the completion tokens, the size of the loss's terms
+    rows: tuple[torch.Tensor, torch.Tensor]  # (b, t) of the rows whose gradient is checked
+    grad: torch.Tensor  # (k, V) float64: dL/dlogits at those rows
+    near_clip_bound: int  # sampled rows left out of the gradient check (see LOGPROB_ROUNDING)
+
+
+def _near_clip_bound(p: Problem, lp: torch.Tensor) -> torch.Tensor:
+    """(B, T) bool: rows whose ratio is within rounding of a clip bound (see LOGPROB_ROUNDING)."""
+    o = p.case.options
+    mask = p.mask.double()
+    log_ratio = lp - p.old.double()
+    slack = LOGPROB_ROUNDING[p.case.torch_dtype] * lp.abs().clamp(min=1.0)
+    if o["importance_sampling_level"] == "sequence":  # one ratio per sequence: the errors of its tokens add up
+        n = mask.sum(-1, keepdim=True).clamp(min=1.0)
+        log_ratio = ((log_ratio * mask).sum(-1, keepdim=True) / n).expand_as(lp)
+        slack = ((slack * mask).sum(-1, keepdim=True) / n).expand_as(lp)
+    eps_high = o["epsilon_low"] if o.get("epsilon_high") is None else o["epsilon_high"]
+    bounds = (math.log(1.0 - o["epsilon_low"]), math.log(1.0 + eps_high))
+    return torch.stack([(log_ratio - b).abs() <= slack for b in bounds]).any(0) & p.mask.bool()
+
+
+def oracle(p: Problem, n_rows: int = 64, seed: int = 1) -> Oracle:
+    """reference.grpo_loss in float64 on the upcast inputs, without a float64 N x V tensor.
+
+    reference.grpo_loss is reference.token_logprobs (logits -> l_t, H_t) followed by
+    reference.grpo_loss_from_logprobs; the loss sees each row of logits only through its
+    l_t and H_t. So the sampled rows go through token_logprobs with autograd, the other
+    rows' l_t and H_t (computed chunk by chunk) enter as constants, and the loss and the
+    sampled rows' gradient are exactly those of the whole reference. (tests/
+    test_bench_smoke.py checks this against reference.grpo_loss on a small case.)
+    """
+    case, logits = p.case, p.logits
+    B, T, V = case.batch, case.seq_len, case.vocab
+    temperature = case.options["temperature"]
+    lp = torch.empty((B, T), dtype=torch.float64, device=logits.device)
+    ent = torch.empty_like(lp)
+    with torch.no_grad():
+        for b, ts in _row_chunks(B, T, V):
+            lp[b, ts], ent[b, ts] = reference.token_logprobs(logits[b, ts].double(), p.ids[b, ts], temperature)
+
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed(seed)
+    flat = torch.randperm(B * T, generator=gen)[: min(n_rows, B * T)].to(logits.device)
+    rows = (flat // T, flat % T)
+    z = logits[rows].double().requires_grad_(True)  # (k, V), a copy
+    lp_rows, ent_rows = reference.token_logprobs(z, p.ids[rows], temperature)
+    loss, _ = reference.grpo_loss_from_logprobs(
+        lp.index_put(rows, lp_rows), ent.index_put(rows, ent_rows), p.advantages.double(), p.mask,
+        p.old.double(), None if p.ref is None else p.ref.double(), None, None, GRPOOptions(**case.options))
+    (grad,) = torch.autograd.grad(loss, z)
+    keep = ~_near_clip_bound(p, lp)[rows]
+    mask = p.mask.double()
+    scale = float((p.advantages.double().abs().unsqueeze(1) * mask).sum() / mask.sum().clamp(min=1.0))
+    return Oracle(loss.item(), scale, (rows[0][keep], rows[1][keep]), grad[keep], int((~keep).sum()))
+
+
+def error(o: Oracle, loss: torch.Tensor, grad: torch.Tensor) -> tuple[float, float]:
+    """(loss error, gradient error) of a result against the oracle; inf where not finite.
+
+    The loss error is relative to max(|loss|, mean |A|) (see TOLERANCE); the gradient error
+    is the relative Frobenius error over the checked rows of `grad`, the gradient with
+    respect to the (B, T, V) logits.
+    """
+    g = grad[o.rows].double()
+    value = float(loss)
+    if not (math.isfinite(value) and bool(torch.isfinite(g).all())):
+        return math.inf, math.inf
+    loss_err = abs(value - o.loss) / max(abs(o.loss), o.loss_scale, torch.finfo(torch.float64).tiny)
+    ref_norm = float(o.grad.norm())
+    # No rows to check (all near a clip bound, or all masked, with a zero gradient) is no error.
+    grad_err = float((g - o.grad).norm()) / ref_norm if ref_norm > 0 else float(g.norm() > 0)
+    return loss_err, grad_err

@@ -1,0 +1,178 @@
+"""The results: derived figures, the stdout table, the JSON of SPEC section 5, the PNG plot."""
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterable
+from itertools import groupby
+from pathlib import Path
+
+from .impls import ALL, BASELINES, PEERS
+
+# Columns of SPEC section 5, in its order; every row has them, None where not measured.
+SPEC_ROW_KEYS = ("impl", "n_tokens", "vocab", "dtype", "beta", "level", "fwd_ms", "fwd_bwd_ms", "peak_extra_mb")
+SPEC_TOP_KEYS = ("device", "commit", "date", "torch", "triton", "copy_gbps", "rows")
+# The passes over the logits that a fused GRPO loss makes: forward read, backward read,
+# gradient write. Every peer makes these three; the floor is their bytes at copy bandwidth.
+PASSES = 3
+# Element size of each dtype name, so that the results can be derived without torch.
+ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def case_key(row: dict) -> tuple:
+    return row["n_tokens"], row["vocab"], row["dtype"], row["beta"], row["level"]
+
+
+def logits_bytes(row: dict) -> int:
+    return row["n_tokens"] * row["vocab"] * ITEMSIZE[row["dtype"]]
+
+
+def derive(rows: list[dict], copy_gbps: float) -> None:
+    """Fill each row's bandwidth figures and its speed-up over each baseline of its case.
+
+    gbps: the three passes' bytes (PASSES * N * V * itemsize) over the forward+backward
+    time: the bandwidth the implementation would need to move just those bytes, whatever
+    it actually moves; fwd_gbps: one pass over the forward time; pct_copy: gbps as a share
+    of the copy bandwidth; floor_ms: the three passes at copy bandwidth; x_floor: time over
+    floor. speedup[b] = time of baseline b / time of this row (> 1: faster than b).
+    """
+    for _, group in groupby(sorted(rows, key=case_key), key=case_key):
+        group = list(group)
+        times = {r["impl"]: r["fwd_bwd_ms"] for r in group if r["fwd_bwd_ms"]}
+        for r in group:
+            nbytes = logits_bytes(r)
+            floor_ms = PASSES * nbytes / (copy_gbps * 1e9) * 1e3
+            t, tf = r["fwd_bwd_ms"], r["fwd_ms"]
+            r["floor_ms"] = _sig(floor_ms)
+            r["gbps"] = _sig(PASSES * nbytes / (t * 1e-3) / 1e9) if t else None
+            r["fwd_gbps"] = _sig(nbytes / (tf * 1e-3) / 1e9) if tf else None
+            r["pct_copy"] = _sig(100 * PASSES * nbytes / (t * 1e-3) / 1e9 / copy_gbps) if t else None
+            r["x_floor"] = _sig(t / floor_ms) if t else None
+            r["speedup"] = {b: _sig(times[b] / t) for b in BASELINES if t and b in times and b != r["impl"]}
+
+
+def _sig(x: float, digits: int = 4) -> float:
+    """x to `digits` significant digits: enough for any figure here, no false precision."""
+    return float(f"{x:.{digits}g}")
+
+
+def _fmt(value, spec: str = ".3g", none: str = "-") -> str:
+    if value is None:
+        return none
+    if isinstance(value, float) and math.isinf(value):
+        return "inf"
+    return format(value, spec)
+
+
+def table(results: dict) -> str:
+    """The results as aligned text, one block per case."""
+    lines = []
+    if results.get("mode") == "cpu":
+        lines.append(f"*** CPU figures, measured on {results['device']}: they rank the implementations on this "
+                     "machine only and say nothing about GPU performance. Peak memory is not measured on the CPU. ***")
+    dirty = " (with uncommitted changes)" if results.get("environment", {}).get("dirty") else ""
+    lines.append(f"device {results['device']}  commit {results['commit'][:12]}{dirty}"
+                 f"  date {results['date']}  torch {results['torch']}  triton {results['triton']}"
+                 f"  copy bandwidth {results['copy_gbps']:.1f} GB/s")
+    # "beyond %": peak memory beyond the logits' gradient, in % of the logits (SPEC section 4: < 1%).
+    head = (f"{'impl':<12}{'fwd ms':>9}{'fwd+bwd ms':>12}{'peak MB':>10}{'beyond %':>10}{'GB/s':>8}{'%copy':>7}"
+            f"{'x floor':>9}"
+            + "".join(f"{'x ' + b:>11}" for b in BASELINES) + f"{'max err':>10}  note")
+    order = {name: i for i, name in enumerate(ALL)}
+    rows = sorted(results["rows"], key=lambda r: (case_key(r), order.get(r["impl"], 99)))
+    for key, group in groupby(rows, key=case_key):
+        group = list(group)
+        n, v, dtype, beta, level = key
+        r0 = group[0]
+        lines.append("")
+        lines.append(f"N={n} V={v} {dtype} beta={beta} {level}-level  (B={r0.get('batch')}, T={r0.get('seq_len')}; "
+                     f"logits {logits_bytes(r0) / 1e9:.3g} GB; three-pass floor {_fmt(r0.get('floor_ms'), '.3g')} ms)")
+        lines.append(head)
+        for r in group:
+            speed = r.get("speedup") or {}
+            lines.append(
+                f"{r['impl']:<12}{_fmt(r['fwd_ms'], '.3f'):>9}{_fmt(r['fwd_bwd_ms'], '.3f'):>12}"
+                f"{_fmt(r['peak_extra_mb'], '.0f'):>10}{_fmt(r.get('pct_of_logits'), '.2g'):>10}"
+                f"{_fmt(r.get('gbps'), '.4g'):>8}{_fmt(r.get('pct_copy'), '.3g'):>7}"
+                f"{_fmt(r.get('x_floor'), '.2f'):>9}"
+                + "".join(f"{_fmt(speed.get(b), '.2f'):>11}" for b in BASELINES)
+                + f"{_fmt(r.get('max_err'), '.1e'):>10}  {r.get('note') or ''}")
+    if results.get("skipped_impls"):
+        lines.append("")
+        lines.extend(f"not run: {name}: {why}" for name, why in results["skipped_impls"].items())
+    if results.get("skipped_cases"):
+        lines.append(f"not run (time budget): {len(results['skipped_cases'])} case(s)")
+    return "\n".join(lines)
+
+
+def write_json(results: dict, path: Path) -> None:
+    """Atomically: a run cut short by a time limit leaves the last complete file, never half of one."""
+    missing = [k for k in SPEC_TOP_KEYS if k not in results] + sorted(
+        {k for r in results["rows"] for k in SPEC_ROW_KEYS if k not in r})
+    if missing:
+        raise ValueError(f"results lack the keys {missing} of SPEC section 5")
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(results, indent=1, allow_nan=False) + "\n")
+    os.replace(tmp, path)
+
+
+def _plot_slice(rows: list[dict]) -> dict:
+    """The (dtype, beta, level) the plot shows: the full objective (largest beta) at token
+    level, in bf16 where it was measured: the setting of SPEC section 4."""
+    dtypes = {r["dtype"] for r in rows}
+    return {"dtype": "bfloat16" if "bfloat16" in dtypes else sorted(dtypes)[0],
+            "beta": max(r["beta"] for r in rows),
+            "level": "token" if any(r["level"] == "token" for r in rows) else rows[0]["level"]}
+
+
+def plot(results: dict, path: Path) -> None:
+    """Forward+backward time and peak extra memory against V, one line per implementation,
+    one row of panels per token count."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in results["rows"] if r["fwd_bwd_ms"] is not None]
+    if not rows:
+        rows = results["rows"]
+    sl = _plot_slice(rows)
+    rows = [r for r in rows if all(r[k] == v for k, v in sl.items())]
+    token_counts = sorted({r["n_tokens"] for r in rows}) or [0]
+    fig, axes = plt.subplots(len(token_counts), 2, figsize=(11, 3.6 * len(token_counts)), squeeze=False)
+    for (ax_t, ax_m), n in zip(axes, token_counts, strict=True):
+        for i, name in enumerate(ALL):
+            style = dict(marker="o", label=name, color=f"C{i}")  # one colour per implementation in every panel
+            pts = sorted((r["vocab"], r["fwd_bwd_ms"], r["peak_extra_mb"]) for r in rows
+                         if r["impl"] == name and r["n_tokens"] == n)
+            if not pts:
+                continue
+            vs = [p[0] for p in pts]
+            ax_t.plot(vs, [p[1] for p in pts], **style)
+            if any(p[2] is not None for p in pts):
+                ax_m.plot(vs, [p[2] for p in pts], **style)
+        floors = sorted({(r["vocab"], r["floor_ms"]) for r in rows if r["n_tokens"] == n and r.get("floor_ms")})
+        if floors:
+            ax_t.plot([f[0] for f in floors], [f[1] for f in floors], "k--", lw=1, label="three-pass floor")
+        ax_t.set(xlabel="vocabulary V", ylabel="forward+backward ms (median)", title=f"time, N = {n} tokens")
+        ax_t.set_yscale("log")
+        ax_m.set(xlabel="vocabulary V", ylabel="peak memory above inputs, MB", title=f"memory, N = {n} tokens")
+        if not ax_m.lines:
+            ax_m.text(0.5, 0.5, "not measured on the CPU", ha="center", va="center", transform=ax_m.transAxes)
+        for ax in (ax_t, ax_m):
+            ax.grid(True, alpha=0.3)
+            if ax.lines:
+                ax.legend(fontsize=8)
+    label = "CPU measurement (not a GPU figure)" if results.get("mode") == "cpu" else "GPU measurement"
+    fig.suptitle(f"{label}: {results['device']}, {results['date']}, commit {results['commit'][:10]}\n"
+                 f"{sl['dtype']}, beta = {sl['beta']}, {sl['level']}-level, DAPO loss", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def summarize_errors(rows: Iterable[dict]) -> list[str]:
+    """One line per row that was not timed, for the end of the run."""
+    return [f"{r['impl']} at N={r['n_tokens']} V={r['vocab']} {r['dtype']} beta={r['beta']} {r['level']}: {r['note']}"
+            for r in rows if r["fwd_bwd_ms"] is None]

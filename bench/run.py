@@ -1,0 +1,248 @@
+"""python -m bench.run: validate, then time, every implementation over a grid of shapes.
+
+For each case (shape x dtype x beta x level) the harness draws fresh inputs, computes the
+float64 oracle once, and then for each implementation: runs it once to compile, measures
+the peak memory of one forward+backward and checks that call's loss and gradient against
+the oracle, and only if they pass, times the forward and the forward+backward. An
+implementation that fails the check, or raises, gets a row with its error and no times.
+
+The results file is rewritten after every case, so a run stopped by a time limit still
+leaves every finished case on disk ("complete": false until the end).
+
+    python -m bench.run                # GPU grid when CUDA is there, else the CPU grid
+    python -m bench.run --quick        # the work-unit shapes only (GPU)
+    python -m bench.run --smoke --out /tmp/x   # tiny shapes, two reps: the test suite's check
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from . import measure, report
+from .impls import ALL, Impl, discover
+from .problem import TOLERANCE, Case, Oracle, Problem, error, make_problem, oracle
+
+DEFAULT_OUT = measure.REPO / "bench" / "results"
+
+GPU_TOKENS = (4096, 8192, 16384)
+GPU_VOCABS = (32000, 128256, 151936)  # Llama-2, Llama-3, Qwen-2.5/3
+GPU_SEQ_LEN = 1024
+BETAS = (0.0, 0.04)
+LEVELS = ("token", "sequence")
+# SPEC section 4's work unit: measured first, so a run cut short still has it.
+WORK_UNIT = ((8192, 151936), (16384, 151936))
+# The CPU grid: the shape named in issue 3 and a smaller vocabulary, so the plot has a slope.
+CPU_TOKENS, CPU_VOCABS, CPU_SEQ_LEN = (512,), (8192, 32000), 128
+SMOKE_TOKENS, SMOKE_VOCABS, SMOKE_SEQ_LEN = (64,), (500, 1000), 16
+# Torch threads on the CPU. The development machine has two cores shared with other work,
+# and while another process held one of them, two OpenMP threads ran the same step 5x
+# slower than one: their barriers spin on a core they do not have (measured here on
+# 2026-11-21: an eager step took 160 ms on 2 threads and 27 ms on 1). One thread makes the
+# CPU figures repeatable; --threads overrides.
+CPU_THREADS = 1
+
+
+def gpu_cases(quick: bool) -> list[Case]:
+    """bf16 over the whole grid, fp32 on a subset; the work unit first.
+
+    --quick keeps the work unit's shapes (every beta and level) and one fp32 case.
+    """
+    shapes = WORK_UNIT if quick else [(n, v) for n in GPU_TOKENS for v in GPU_VOCABS]
+    cases = [Case(n, v, "bfloat16", beta, level, GPU_SEQ_LEN)
+             for n, v in shapes for level in LEVELS for beta in BETAS]
+    fp32_vocabs = (151936,) if quick else GPU_VOCABS
+    cases += [Case(8192, v, "float32", 0.04, "token", GPU_SEQ_LEN) for v in fp32_vocabs]
+    return sorted(cases, key=lambda c: ((c.n_tokens, c.vocab) not in WORK_UNIT, c.dtype != "bfloat16",
+                                        c.n_tokens, c.vocab, c.level != "token", c.beta))
+
+
+def cpu_cases(smoke: bool) -> list[Case]:
+    tokens, vocabs, seq_len = (SMOKE_TOKENS, SMOKE_VOCABS, SMOKE_SEQ_LEN) if smoke else (
+        CPU_TOKENS, CPU_VOCABS, CPU_SEQ_LEN)
+    return [Case(n, v, dtype, beta, level, seq_len)
+            for n in tokens for v in vocabs for dtype in ("float32", "bfloat16") for level in LEVELS for beta in BETAS]
+
+
+def compile_applies(case: Case, device: torch.device) -> bool:
+    """torch.compile costs a minute of compilation per shape and variant on the GPU, so it
+    is measured at the first work-unit shape only (bf16, token level, both betas). On the
+    CPU, where it runs only when asked for, it runs everywhere."""
+    return device.type != "cuda" or (
+        (case.n_tokens, case.vocab) == WORK_UNIT[0] and case.dtype == "bfloat16" and case.level == "token")
+
+
+def _row(case: Case, impl: Impl, mode: str) -> dict:
+    """A results row before measurement: SPEC section 5's keys first, then ours."""
+    return {"impl": impl.name, "n_tokens": case.n_tokens, "vocab": case.vocab, "dtype": case.dtype,
+            "beta": case.beta, "level": case.level, "fwd_ms": None, "fwd_bwd_ms": None, "peak_extra_mb": None,
+            "mode": mode, "batch": case.batch, "seq_len": case.seq_len, "inplace": impl.inplace,
+            "max_err": None, "tolerance": TOLERANCE[case.torch_dtype], "note": None}
+
+
+def measure_impl(impl: Impl, p: Problem, o: Oracle, device: torch.device, timing: measure.Timing) -> dict:
+    """Validate one implementation on one problem and, if it passes, time it."""
+    source = p.padded if impl.padded_input else p.logits
+    x = p.padded.detach().clone()
+    x = (x if impl.padded_input else x[:, :-1]).requires_grad_(True)
+
+    def forward() -> torch.Tensor:
+        return impl.loss(p, x)
+
+    def step() -> tuple[torch.Tensor, torch.Tensor]:
+        # autograd.grad, not backward(): nothing accumulates into x.grad between reps.
+        loss = impl.loss(p, x)
+        (grad,) = torch.autograd.grad(loss, x)
+        return loss.detach(), grad
+
+    def restore() -> None:  # an in-place implementation has written its gradient over x
+        with torch.no_grad():
+            x.copy_(source)
+
+    step()  # compiles outside the measurements: Triton JIT, torch.compile, Liger's per-shape kernels
+    restore()
+    (loss, grad), peak = measure.peak_extra(step, device)
+    own_grad = grad.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()
+    out: dict = {"peak_extra_mb": None if peak is None else round(peak, 1)}
+    if peak is not None:
+        # SPEC section 4's memory goal counts what is beyond the logits and their gradient.
+        beyond = peak - (grad.nbytes / measure.MB if own_grad else 0.0)
+        out["peak_beyond_grad_mb"] = round(beyond, 1)
+        out["pct_of_logits"] = round(100 * beyond * measure.MB / p.case.logits_bytes, 3)
+    loss_err, grad_err = error(o, loss, grad[:, :-1] if impl.padded_input else grad)
+    err = max(loss_err, grad_err)
+    tolerance = TOLERANCE[p.case.torch_dtype]
+    for key, value in (("max_err", err), ("loss_err", loss_err), ("grad_err", grad_err)):
+        out[key] = float(f"{value:.3e}") if math.isfinite(value) else None  # JSON has no inf
+    out["rows_checked"], out["rows_near_clip_bound"] = len(o.rows[0]), o.near_clip_bound
+    if not err <= tolerance:
+        out["note"] = (f"FAILED validation against the float64 reference: error {err:.2e} (loss {loss_err:.1e}, "
+                       f"gradient {grad_err:.1e}) > tolerance {tolerance:.0e}; not timed")
+        return out
+    del loss, grad
+    restore()
+    for key, fn in (("fwd", forward), ("fwd_bwd", step)):
+        median, minimum = measure.time_ms(fn, device, timing)
+        out[f"{key}_ms"] = round(median, 4)
+        if minimum is not None:
+            out[f"{key}_min_ms"] = round(minimum, 4)
+    return out
+
+
+def run_case(case: Case, impls: list[Impl], device: torch.device, timing: measure.Timing, mode: str,
+             seed: int, oracle_rows: int) -> list[dict]:
+    p = make_problem(case, device, seed)
+    o = oracle(p, oracle_rows)
+    rows = []
+    for impl in impls:
+        if impl.name == "compile" and not compile_applies(case, device):
+            continue
+        row = _row(case, impl, mode)
+        t0 = time.perf_counter()
+        try:
+            row.update(measure_impl(impl, p, o, device, timing))
+        except torch.cuda.OutOfMemoryError:
+            row["note"] = "out of memory"
+        except Exception as exc:  # noqa: BLE001 - one broken implementation must not end the run
+            first = (str(exc).strip().splitlines() or [""])[0][:200]
+            row["note"] = f"error: {type(exc).__name__}: {first}"
+        finally:
+            measure.release(device)
+        rows.append(row)
+        note = f"  {row['note']}" if row["note"] else ""
+        print(f"  {impl.name:<12} fwd {row['fwd_ms']} ms  fwd+bwd {row['fwd_bwd_ms']} ms  "
+              f"peak {row['peak_extra_mb']} MB  err {row['max_err']}  ({time.perf_counter() - t0:.1f} s){note}",
+              flush=True)
+    del p, o
+    measure.release(device)
+    return rows
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes, two reps (the test suite's check)")
+    ap.add_argument("--quick", action="store_true", help="GPU: the work-unit shapes only")
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="directory for the JSON and the PNG")
+    ap.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda when available")
+    ap.add_argument("--impls", help=f"comma-separated subset of: {', '.join(ALL)}")
+    ap.add_argument("--budget-s", type=float, help="start no new case after this many seconds")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--oracle-rows", type=int, default=64, help="rows whose gradient is checked per case")
+    ap.add_argument("--threads", type=int, default=CPU_THREADS,
+                    help="CPU: torch threads (default 1: see CPU_THREADS)")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("--device cuda: CUDA is not available", file=sys.stderr)
+        return 2
+    mode = "gpu" if device.type == "cuda" else "cpu"
+    if mode == "cpu":
+        torch.set_num_threads(args.threads)
+    cases = cpu_cases(args.smoke) if mode == "cpu" or args.smoke else gpu_cases(args.quick)
+    if mode == "cpu":
+        timing = measure.SMOKE_TIMING if args.smoke else measure.CPU_TIMING
+    else:
+        timing = measure.SMOKE_TIMING if args.smoke else measure.GPU_QUICK_TIMING if args.quick else measure.GPU_TIMING
+    impls, skipped = discover(device, args.impls.split(",") if args.impls else None)
+
+    env = measure.environment(device)
+    copy_bytes = (16 << 20) if args.smoke else (1 << 30) if mode == "gpu" else (256 << 20)
+    copy_gbps = round(measure.copy_gbps(device, copy_bytes, timing), 1)
+    measure.release(device)
+    results = {
+        **{k: env[k] for k in ("device", "commit", "date", "torch", "triton")},
+        "copy_gbps": copy_gbps,
+        "mode": mode,
+        "complete": False,
+        "note": ("CPU figures: small shapes on a CPU; they rank implementations on this machine only and are not GPU "
+                 "figures. peak_extra_mb is null: no allocator counter on the CPU." if mode == "cpu" else
+                 "GPU figures: median of triton.testing.do_bench (L2 flushed between calls)."),
+        "smoke": args.smoke,
+        "environment": env,
+        "versions": {i.name: i.version for i in impls if i.version},
+        "case_options": {c.level: {k: v for k, v in c.options.items() if k != "beta"} for c in cases},
+        "skipped_impls": skipped,
+        "skipped_cases": [],
+        "rows": [],
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = f"{measure.slug(env['device'])}-{env['date']}"
+    json_path, png_path = args.out / f"{stem}.json", args.out / f"{stem}.png"
+
+    print(f"{mode.upper()} run on {env['device']}: {len(cases)} cases x {[i.name for i in impls]}; "
+          f"copy bandwidth {copy_gbps} GB/s; not run: {skipped or 'none'}", flush=True)
+    start = time.perf_counter()
+    for i, case in enumerate(cases):
+        if args.budget_s is not None and time.perf_counter() - start > args.budget_s:
+            results["skipped_cases"] = [asdict(c) for c in cases[i:]]
+            print(f"time budget of {args.budget_s:.0f} s spent: {len(cases) - i} case(s) not run", flush=True)
+            break
+        print(f"[{i + 1}/{len(cases)}] N={case.n_tokens} V={case.vocab} {case.dtype} beta={case.beta} {case.level}",
+              flush=True)
+        results["rows"] += run_case(case, impls, device, timing, mode, args.seed + i, args.oracle_rows)
+        report.derive(results["rows"], copy_gbps)
+        report.write_json(results, json_path)
+    results["complete"] = not results["skipped_cases"]
+    results["wall_s"] = round(time.perf_counter() - start, 1)
+    report.write_json(results, json_path)
+    report.plot(results, png_path)
+    print()
+    print(report.table(results))
+    failures = report.summarize_errors(results["rows"])
+    print(f"\nwrote {json_path} and {png_path}; {len(results['rows'])} rows, {len(failures)} not timed")
+    for line in failures:
+        print("  " + line)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

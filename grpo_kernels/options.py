@@ -177,10 +177,10 @@ def check_logits(logits: torch.Tensor, completion_ids: torch.Tensor, vocab_size:
             raise ValueError(f"completion_ids is on {completion_ids.device} but logits are on {logits.device}")
     else:
         V = vocab_size
-    if completion_ids.numel() > 0:
+    # One host sync per call: an id outside [0, V) would otherwise be an out-of-bounds read.
+    if completion_ids.numel() > 0 and bool(((completion_ids < 0) | (completion_ids >= V)).any()):
         lo, hi = int(completion_ids.min()), int(completion_ids.max())
-        if lo < 0 or hi >= V:
-            raise ValueError(f"completion_ids must lie in [0, V) = [0, {V}); found values in [{lo}, {hi}]")
+        raise ValueError(f"completion_ids must lie in [0, V) = [0, {V}); found values in [{lo}, {hi}]")
     return Shapes(B, T, V)
 
 

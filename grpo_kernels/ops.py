@@ -17,26 +17,33 @@ from .options import GRPOOptions, check_inputs, check_logits
 from .reference import Metrics, grpo_loss_from_logprobs
 
 
+def resolve_backend(name: str, device: torch.device) -> str:
+    """'auto' made concrete (Triton on CUDA, chunked PyTorch elsewhere), with a clear error
+    where the backend asked for cannot run on `device`."""
+    if name == "auto":
+        return "triton" if device.type == "cuda" else "torch"
+    if name == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError(f"backend='triton' needs CUDA tensors (got {device}); on the CPU it runs only "
+                           "under Triton's interpreter (TRITON_INTERPRET=1 set before importing triton). "
+                           "Use backend='torch' or 'auto' for CPU tensors.")
+    if name not in ("torch", "triton", "cuda"):
+        raise ValueError(f"backend must be one of auto, triton, torch, cuda; got {name!r}")
+    return name
+
+
 def sweep_backend(name: str, device: torch.device) -> ModuleType:
     """The module implementing the vocabulary sweep for `backend` on `device`."""
-    if name == "auto":
-        name = "triton" if device.type == "cuda" else "torch"
+    name = resolve_backend(name, device)
     if name == "torch":
         return torch_path
     if name == "triton":
-        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-            raise RuntimeError(f"backend='triton' needs CUDA tensors (got {device}); on the CPU it runs only "
-                               "under Triton's interpreter (TRITON_INTERPRET=1 set before importing triton). "
-                               "Use backend='torch' or 'auto' for CPU tensors.")
         from .triton import logprobs as triton_logprobs
 
         return triton_logprobs
-    if name == "cuda":
-        from . import cuda
+    from . import cuda
 
-        cuda.require(device)
-        return cuda
-    raise ValueError(f"backend must be one of auto, triton, torch, cuda; got {name!r}")
+    cuda.require(device)
+    return cuda
 
 
 class TokenLogprobs(torch.autograd.Function):

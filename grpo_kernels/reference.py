@@ -182,8 +182,9 @@ def grpo_loss_from_logprobs(
     elif o.loss_type == "luspo":
         loss = (per_token_loss * mask).sum() / max(B, 1)
     else:  # dapo, cispo, vespo
-        n_items = mask.sum() if o.num_items_in_batch is None else torch.as_tensor(o.num_items_in_batch)
-        loss = (per_token_loss * mask).sum() / n_items.to(dtype=dtype, device=mask.device).clamp(min=1.0)
+        n_items = (mask.sum() if o.num_items_in_batch is None
+                   else torch.as_tensor(o.num_items_in_batch, dtype=dtype, device=mask.device))
+        loss = (per_token_loss * mask).sum() / n_items.clamp(min=1.0)
 
     if o.entropy_coef != 0.0:  # bonus over the tokens the policy term acts on; gradient flows through H
         bonus_mask = mask if entropy_mask is None else mask * entropy_mask

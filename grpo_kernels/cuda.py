@@ -1,0 +1,119 @@
+"""The vocabulary sweep of csrc/ (CUDA C++), behind the backend contract of docs/design.md.
+
+Selected with `backend="cuda"`. The compiled module is `grpo_kernels._C_sweep` when
+`pip install` built it (setup.py does so when nvcc and a CUDA build of torch are present);
+otherwise the first use compiles csrc/ with `torch.utils.cpp_extension.load` (about a
+minute, cached under TORCH_EXTENSIONS_DIR; GRPO_KERNELS_NO_JIT=1 turns this off). Where
+neither works, `is_available()` is False, `unavailable_reason()` says why, and `forward`,
+`backward` and `require` raise a RuntimeError carrying that reason.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+CSRC = Path(__file__).resolve().parent.parent / "csrc"
+SOURCES = ("binding.cpp", "grpo_sweep.cu")
+# The JIT build targets the visible GPU (torch's default, or TORCH_CUDA_ARCH_LIST);
+# setup.py builds for sm_80 and sm_90 with the same optimisation flags.
+NVCC_FLAGS = ["-O3", "-lineinfo"]
+CXX_FLAGS = ["-O3"]
+
+
+@functools.cache
+def _load() -> tuple[ModuleType | None, str]:
+    """(module, "") or (None, why not). Tried once per process: a failed compile is not retried."""
+    if torch.version.cuda is None:
+        return None, (f"torch {torch.__version__} is a CPU build (torch.version.cuda is None); "
+                      "backend='cuda' needs a CUDA build of torch")
+    if not torch.cuda.is_available():
+        return None, "no CUDA device is visible (torch.cuda.is_available() is False)"
+    try:
+        from . import _C_sweep
+
+        return _C_sweep, ""
+    except ImportError as error:  # not built, or built against another torch
+        prebuilt = f"grpo_kernels._C_sweep is not importable ({error})"
+    return _jit_build(prebuilt)
+
+
+def _jit_build(prebuilt: str) -> tuple[ModuleType | None, str]:
+    """Compiles csrc/ with torch.utils.cpp_extension.load, or says why it cannot."""
+    if os.environ.get("GRPO_KERNELS_NO_JIT") == "1":
+        return None, f"{prebuilt}, and GRPO_KERNELS_NO_JIT=1 forbids compiling csrc/ on first use"
+    missing = [name for name in SOURCES if not (CSRC / name).is_file()]
+    if missing:
+        return None, f"{prebuilt}, and the sources to compile are missing: {', '.join(str(CSRC / m) for m in missing)}"
+    from torch.utils import cpp_extension
+
+    nvcc = shutil.which("nvcc") or (cpp_extension.CUDA_HOME and shutil.which("nvcc", path=str(
+        Path(cpp_extension.CUDA_HOME) / "bin")))
+    if not nvcc:
+        return None, f"{prebuilt}, and nvcc was not found to compile csrc/ (put it on PATH or set CUDA_HOME)"
+    if not cpp_extension.is_ninja_available():
+        return None, (f"{prebuilt}, and torch.utils.cpp_extension.load needs ninja to compile csrc/ "
+                      "(pip install ninja, or build at install time: pip install --no-build-isolation -e .)")
+    try:
+        module = cpp_extension.load(
+            name="grpo_kernels_C_sweep",
+            sources=[str(CSRC / name) for name in SOURCES],
+            extra_cflags=CXX_FLAGS,
+            extra_cuda_cflags=NVCC_FLAGS,
+            verbose=os.environ.get("GRPO_KERNELS_VERBOSE_BUILD") == "1",
+        )
+    except Exception as error:  # the compiler's output is in the message
+        return None, f"{prebuilt}, and compiling csrc/ failed: {error}"
+    return module, ""
+
+
+def is_available() -> bool:
+    """Whether backend='cuda' can run here (compiling csrc/ on first call if needed)."""
+    return _load()[0] is not None
+
+
+def unavailable_reason() -> str:
+    """Why backend='cuda' cannot run here; "" when it can."""
+    return _load()[1]
+
+
+def _module() -> ModuleType:
+    module, reason = _load()
+    if module is None:
+        raise RuntimeError(f"backend='cuda' is not available: {reason}")
+    return module
+
+
+def require(device: torch.device) -> None:
+    """Raises RuntimeError unless backend='cuda' can run on tensors on `device`."""
+    if device.type != "cuda":
+        raise RuntimeError(f"backend='cuda' needs CUDA tensors (got {device}); use backend='torch' or 'auto' "
+                           "for CPU tensors")
+    _module()
+
+
+def _check_supported(logits: torch.Tensor) -> None:
+    if logits.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"backend='cuda' takes float32, bfloat16 or float16 logits, got {logits.dtype}")
+
+
+def forward(logits: torch.Tensor, ids: torch.Tensor, temperature: float):
+    """logits (B, T, V), ids (B, T) -> logprobs, entropy, lse, mean_z, each (B, T) fp32."""
+    module = _module()
+    _check_supported(logits)
+    logprobs, entropy, lse, mean_z = module.forward(logits, ids, float(temperature))
+    return logprobs, entropy, lse, mean_z
+
+
+def backward(logits: torch.Tensor, ids: torch.Tensor, temperature: float, lse: torch.Tensor,
+             mean_z: torch.Tensor, grad_logprobs: torch.Tensor | None, grad_entropy: torch.Tensor | None,
+             grad_out: torch.Tensor) -> None:
+    """Writes dL/dlogits into grad_out (B, T, V), which may be the logits themselves."""
+    module = _module()
+    _check_supported(logits)
+    module.backward(logits, ids, float(temperature), lse, mean_z, grad_logprobs, grad_entropy, grad_out)

@@ -7,7 +7,8 @@
 #       carry=[".whl"], timeout_s=600)
 #
 # GRPO_BENCH_COMMIT names the commit that ran, for a tree copied without its .git.
-# BENCH_ARGS passes options to bench.run (e.g. "--quick"); GPU_SKIP_TESTS=1 gives a second
+# BENCH_ARGS passes options to bench.run (e.g. "--quick", or "--unit linear" for the fused-linear
+# cases alone, which otherwise run right after the logits work unit); GPU_SKIP_TESTS=1 gives a second
 # call's whole time to the benchmark once the suite has passed. Everything it writes lands in
 # $OUT (bench/results when run by hand): env.txt, tests.log, bench.log and the results
 # JSON and PNG, which then belong in bench/results/ with the commit that measured them.

@@ -16,12 +16,25 @@ an implementation with `padded_input`. All compute the objective of Case.options
 GRPOTrainer._compute_loss, which cannot be called on tensors alone, and the reference
 transcribes that method op for op (SPEC section 1). Over (B, T) tensors it costs launches,
 not bandwidth, and eager and trl share it, so their difference is the log-prob pass alone.
+
+The fused-linear unit (issue 6) has its own implementations, each a function
+loss(problem, hidden, weight) -> 0-dim loss carrying the gradient to hidden (B, T, H) and
+weight (V, H) of a LinearProblem:
+
+  ours-linear  grpo_kernels.fused_linear_grpo_loss (backend triton on CUDA, torch on the CPU)
+  unfused      logits = F.linear(hidden, weight) in the inputs' dtype, then our
+               fused_grpo_loss on them; autograd's matmul backward gives the two gradients
+  liger-linear Liger-Kernel 0.8.x's LigerFusedLinearGRPOLoss (liger_kernel.chunked_loss)
+  trl-linear   TRL 1.16's ChunkedLogProbFunction (trl/kernels/chunked_logprob.py) called as
+               its add_fused_lm_head calls it in GRPOTrainer, + the eager loss
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import importlib.util
 import sys
+import types
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,23 +46,34 @@ import grpo_kernels
 from grpo_kernels import reference
 from grpo_kernels.options import GRPOOptions
 
-from .problem import Problem
+from .problem import LinearProblem, Problem
 
 LossFn = Callable[[Problem, torch.Tensor], torch.Tensor]
+LinearLossFn = Callable[[LinearProblem, torch.Tensor, torch.Tensor], torch.Tensor]
 
-ALL = ("eager", "compile", "liger", "trl", "ours-triton", "ours-torch", "ours-cuda")
+LOGITS_IMPLS = ("eager", "compile", "liger", "trl", "ours-triton", "ours-torch", "ours-cuda")
+LINEAR_IMPLS = ("ours-linear", "unfused", "liger-linear", "trl-linear")
+ALL = LOGITS_IMPLS + LINEAR_IMPLS
 # The peers a ratio is reported against (SPEC section 4: >= 5x eager, >= 1.3x the best peer).
 BASELINES = ("eager", "compile", "liger", "trl")
 PEERS = ("liger", "trl")
+# The same for the fused-linear unit (issue 6 item 4: <= 1.15x unfused, >= 1.3x the faster peer).
+LINEAR_BASELINES = ("unfused", "liger-linear", "trl-linear")
+LINEAR_PEERS = ("liger-linear", "trl-linear")
+# Run on the CPU only when asked for with --impls: their CPU code is a fallback (Liger's
+# loss without torch.compile, TRL's torch tiles instead of its Triton fold), useful to
+# check an adapter here, not what their users run.
+CPU_ON_REQUEST = ("compile", "liger-linear", "trl-linear")
 
 
 @dataclass(frozen=True)
 class Impl:
     name: str
-    loss: LossFn
+    loss: LossFn | LinearLossFn
     padded_input: bool = False  # takes the whole (B, T+1, V) buffer (Liger's convention)
     inplace: bool = False  # the gradient overwrites the logits: fresh logits are needed to read results
     version: str | None = None  # of the third-party package, recorded with the results
+    unit: str = "logits"  # the cases it takes: "logits" (a Problem) or "linear" (a LinearProblem)
 
 
 # --- eager ------------------------------------------------------------------------------
@@ -135,19 +159,19 @@ def _liger_loss() -> LossFn:
 # --- TRL's Triton kernel ----------------------------------------------------------------
 
 
-def _trl_kernel_module():
-    """trl/kernels/logprob_entropy.py, loaded from its file.
+def _trl_file_module(relative: str, name: str):
+    """A file of the installed trl package (e.g. "kernels/logprob_entropy.py"), loaded on
+    its own as module `name`.
 
     `import trl` pulls in transformers, accelerate and datasets (seconds, and packages the
-    GPU machine may lack); the kernel's file needs only torch and triton.
+    GPU machine may lack); the kernels' files need only torch, triton and transformers.utils.
     """
     spec = importlib.util.find_spec("trl")
     if spec is None or spec.origin is None:
         raise ImportError("trl is not installed")
-    path = Path(spec.origin).parent / "kernels" / "logprob_entropy.py"
+    path = Path(spec.origin).parent / relative
     if not path.is_file():
-        raise ImportError(f"this trl has no {path.relative_to(Path(spec.origin).parent)}")
-    name = "bench._trl_logprob_entropy"
+        raise ImportError(f"this trl has no {relative}")
     module = sys.modules.get(name)
     if module is None:
         file_spec = importlib.util.spec_from_file_location(name, path)
@@ -155,6 +179,11 @@ def _trl_kernel_module():
         file_spec.loader.exec_module(module)
         sys.modules[name] = module
     return module
+
+
+def _trl_kernel_module():
+    """trl/kernels/logprob_entropy.py: the Triton log-prob/entropy kernel of the trl row."""
+    return _trl_file_module("kernels/logprob_entropy.py", "bench._trl_logprob_entropy")
 
 
 def _trl_loss() -> LossFn:
@@ -168,6 +197,31 @@ def _trl_loss() -> LossFn:
     return loss
 
 
+# TRL 1.16's vocabulary width per projection tile (_CHUNKED_LOGPROB_CHUNK_SIZE in
+# trl/trainer/utils.py, which add_fused_lm_head passes; the token width is the kernel
+# file's TOKEN_CHUNK_SIZE, 4096). Copied, as that module cannot be imported on its own.
+TRL_LOGPROB_CHUNK_SIZE = 32768
+
+
+def _trl_chunked_logprob_module():
+    """trl/kernels/chunked_logprob.py, loaded from its file (see _trl_file_module).
+
+    Its backward imports maybe_gather_lm_head_ctx from trl/trainer/utils.py, which imports
+    all of trl's trainer stack. That function gathers a DeepSpeed ZeRO-3 partitioned
+    lm_head and returns contextlib.nullcontext() without ZeRO-3; a stand-in that returns
+    nullcontext() is put where the file's relative import finds it.
+    """
+    base = "bench._trl_chunked"
+    utils = f"{base}.trainer.utils"
+    if utils not in sys.modules:
+        for name in (base, f"{base}.trainer", f"{base}.kernels"):
+            sys.modules.setdefault(name, types.ModuleType(name))
+        shim = types.ModuleType(utils)
+        shim.maybe_gather_lm_head_ctx = lambda *params: contextlib.nullcontext()
+        sys.modules[utils] = shim
+    return _trl_file_module("kernels/chunked_logprob.py", f"{base}.kernels.chunked_logprob")
+
+
 # --- ours -------------------------------------------------------------------------------
 
 
@@ -176,6 +230,81 @@ def _ours(backend: str) -> LossFn:
         value, _ = grpo_kernels.fused_grpo_loss(logits, p.ids, p.advantages, p.mask, p.old, p.ref, backend=backend,
                                                 **p.case.options)
         return value
+
+    return loss
+
+
+# --- the fused-linear unit --------------------------------------------------------------
+
+
+def _ours_linear(backend: str) -> LinearLossFn:
+    def loss(p: LinearProblem, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        value, _ = grpo_kernels.fused_linear_grpo_loss(hidden, weight, p.ids, p.advantages, p.mask, p.old, p.ref,
+                                                       backend=backend, **p.case.options)
+        return value
+
+    return loss
+
+
+def _unfused(backend: str) -> LinearLossFn:
+    def loss(p: LinearProblem, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        # The (B, T, V) logits in the inputs' dtype, as a model's lm_head returns them, then our
+        # logits kernel (not in place: its default). Autograd keeps the logits for the loss's
+        # backward and runs the matmul backward on the (B, T, V) gradient.
+        logits = F.linear(hidden, weight)
+        value, _ = grpo_kernels.fused_grpo_loss(logits, p.ids, p.advantages, p.mask, p.old, p.ref, backend=backend,
+                                                **p.case.options)
+        return value
+
+    return loss
+
+
+def _liger_linear_loss(compiled: bool) -> LinearLossFn:
+    from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+
+    def loss(p: LinearProblem, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        o = p.case.options
+        # Every keyword explicit: Liger's defaults differ from ours (epsilon_high 0.2, beta
+        # 0.04, use_bias_correction_kl False). use_ref_model must be on for the KL to use
+        # ref_logprobs: off, Liger takes the current log-probs as the reference (KL = 0).
+        # chunk_size is in sequences (its default, 1). compiled=True (its default) wraps the
+        # loss math in torch.compile, not the matmuls; off on the CPU (Inductor's C++ build).
+        module = LigerFusedLinearGRPOLoss(
+            beta=o["beta"], compiled=compiled, use_ref_model=o["beta"] != 0.0, chunk_size=1,
+            epsilon_low=o["epsilon_low"], epsilon_high=o["epsilon_high"], loss_type=o["loss_type"],
+            max_completion_length=None, importance_sampling_level=o["importance_sampling_level"],
+            sapo_temperature_pos=1.0, sapo_temperature_neg=1.05, temperature=o["temperature"], delta=None,
+            use_bias_correction_kl=o["use_bias_correction_kl"], vespo_k_pos=2.0, vespo_lambda_pos=3.0,
+            vespo_k_neg=3.0, vespo_lambda_neg=2.0)
+        value, _ = module(hidden, weight, p.ids, p.mask, p.advantages, bias=None, ref_per_token_logps=p.ref,
+                          old_per_token_logps=p.old, ref_input=None, ref_weight=None, ref_bias=None,
+                          vllm_is_ratio=None, num_items_in_batch=None)
+        return value
+
+    return loss
+
+
+def _trl_linear_loss() -> LinearLossFn:
+    module = _trl_chunked_logprob_module()
+
+    def loss(p: LinearProblem, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        # As add_fused_lm_head's forward in GRPOTrainer (outputs log_probs and entropy): on a
+        # Triton device only the completion tokens are projected (hidden[mask], a copy of
+        # O(N * H)) and scattered back; elsewhere every position, masked to 0 afterwards.
+        mask = p.mask.bool()
+        compact = module._use_triton(hidden.device)
+        rows = hidden[mask] if compact else hidden.reshape(-1, hidden.shape[-1])
+        targets = p.ids[mask] if compact else p.ids.reshape(-1)
+        # Positional: autograd.Function.apply takes no keywords. (bias, temperature, chunk_size,
+        # final_logit_softcapping, logit_scale, outputs) as add_fused_lm_head passes them.
+        logprobs, entropy, *_ = module.ChunkedLogProbFunction.apply(
+            rows, weight, None, targets, p.case.options["temperature"], TRL_LOGPROB_CHUNK_SIZE, None, 1.0,
+            ("log_probs", "entropy"))
+        if compact:
+            logprobs, entropy = (x.new_zeros(mask.shape).masked_scatter(mask, x) for x in (logprobs, entropy))
+        else:
+            logprobs, entropy = (x.view(mask.shape).masked_fill(~mask, 0) for x in (logprobs, entropy))
+        return _loss_from_logprobs(p, logprobs, entropy.detach())
 
     return loss
 
@@ -198,16 +327,20 @@ def _cuda_backend_available() -> bool:
 def discover(device: torch.device, requested: Sequence[str] | None = None) -> tuple[list[Impl], dict[str, str]]:
     """The implementations that can run on `device`, and why each other one cannot.
 
-    `requested` (default: all that apply) may also ask for "compile" on the CPU, which is
-    left out there by default: Inductor's C++ build takes minutes on a small machine.
+    `requested` (default: all that apply) may also ask for those of CPU_ON_REQUEST on the
+    CPU, which are left out there by default: Inductor's C++ build takes minutes on a small
+    machine, and Liger's and TRL's fused-linear paths run fallback code there.
     """
     on_gpu = device.type == "cuda"
-    names = list(requested) if requested else [n for n in ALL if on_gpu or n != "compile"]
+    names = list(requested) if requested else [n for n in ALL if on_gpu or n not in CPU_ON_REQUEST]
     unknown = sorted(set(names) - set(ALL))
     if unknown:
         raise ValueError(f"unknown implementation(s) {unknown}; choose from {', '.join(ALL)}")
     impls: list[Impl] = []
     skipped: dict[str, str] = {}
+    if not requested and not on_gpu:
+        skipped.update({n: "CPU: runs only when named in --impls (see impls.CPU_ON_REQUEST)" for n in CPU_ON_REQUEST})
+    liger_version = _version("liger-kernel") or _version("liger_kernel")
     for name in names:
         try:
             if name == "eager":
@@ -216,6 +349,14 @@ def discover(device: torch.device, requested: Sequence[str] | None = None) -> tu
                 impls.append(Impl(name, _compile))
             elif name == "ours-torch":
                 impls.append(Impl(name, _ours("torch")))
+            elif name == "ours-linear":
+                impls.append(Impl(name, _ours_linear("triton" if on_gpu else "torch"), unit="linear"))
+            elif name == "unfused":
+                impls.append(Impl(name, _unfused("triton" if on_gpu else "torch"), unit="linear"))
+            elif name == "liger-linear":
+                impls.append(Impl(name, _liger_linear_loss(compiled=on_gpu), version=liger_version, unit="linear"))
+            elif name == "trl-linear":
+                impls.append(Impl(name, _trl_linear_loss(), version=_version("trl"), unit="linear"))
             elif not on_gpu:  # the rest are Triton or CUDA code
                 skipped[name] = "needs a CUDA device"
             elif name == "ours-triton":
@@ -226,8 +367,7 @@ def discover(device: torch.device, requested: Sequence[str] | None = None) -> tu
                 else:
                     skipped[name] = "grpo_kernels.cuda is not built or not available"
             elif name == "liger":
-                impls.append(Impl(name, _liger_loss(), padded_input=True, inplace=True,
-                                  version=_version("liger-kernel") or _version("liger_kernel")))
+                impls.append(Impl(name, _liger_loss(), padded_input=True, inplace=True, version=liger_version))
             elif name == "trl":
                 impls.append(Impl(name, _trl_loss(), version=_version("trl")))
         except ImportError as exc:

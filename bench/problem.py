@@ -6,6 +6,10 @@ Every implementation is handed the same storage: the model's output buffer of sh
 makes, as SPEC section 1 requires to work without a copy. The gradient is taken with
 respect to that view, so no implementation is charged for autograd's slice-backward copy
 (a cost of the trainer, not of the loss).
+
+The fused-linear unit (issue 6) has its own case, inputs and oracle (LinearCase,
+make_linear_problem, linear_oracle): hidden states (B, T, H) and lm_head.weight (V, H)
+instead of logits, checked on the loss and on the gradients of both.
 """
 from __future__ import annotations
 
@@ -74,6 +78,11 @@ class Case:
     @property
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
+
+    @property
+    def unit(self) -> str:
+        """Which implementations take this case: "logits" (these) or "linear" (LinearCase)."""
+        return "logits"
 
     @property
     def logits_bytes(self) -> int:
@@ -228,3 +237,213 @@ def error(o: Oracle, loss: torch.Tensor, grad: torch.Tensor) -> tuple[float, flo
     # No rows to check (all near a clip bound, or all masked, with a zero gradient) is no error.
     grad_err = float((g - o.grad).norm()) / ref_norm if ref_norm > 0 else float(g.norm() > 0)
     return loss_err, grad_err
+
+
+# --- the fused-linear unit: the loss from hidden states and the output projection ----------
+
+# The gate for the fused-linear rows. Three of the four implementations (unfused, Liger's,
+# TRL's) round each logit to bf16 before the softmax, as any bf16 matmul output does; ours
+# keeps the fp32 accumulator. A logit of 16 (where the sampled tokens sit with
+# LOGIT_SCALE = 4) then moves by up to 2^-9 * 16 = 0.03, its token's log-prob and ratio by
+# about as much, and the gradient of hidden and weight by about 2% in relative norm against
+# the float64 oracle (seen here on 512 x 256 x 32,000 in float64 with the logits rounded to
+# bf16: 2.0e-2 for both). 5e-2 passes that rounding and still fails an O(1) wrong answer.
+LINEAR_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 5e-2}
+# The least distance, in log-ratio, that old_logprobs keep from a clip bound, beyond twice
+# the row's own bf16 rounding (see make_linear_problem): the order of an fp32 sum over H.
+CLIP_MARGIN_FLOOR = 1e-3
+
+
+@dataclass(frozen=True)
+class LinearCase(Case):
+    """A case of the fused-linear unit: the logits are hidden (B, T, H) @ weight (V, H).T."""
+
+    hidden: int  # H
+
+    @property
+    def unit(self) -> str:
+        return "linear"
+
+    @property
+    def flops(self) -> int:
+        """2 N H V: one (N, H) x (H, V) matmul, the forward's work; the backward's two
+        gradient matmuls are twice that, and a design that recomputes the logits adds one more."""
+        return 2 * self.n_tokens * self.hidden * self.vocab
+
+
+@dataclass
+class LinearProblem:
+    """The inputs of one fused-linear case, on one device. Duck-types Problem's per-token fields."""
+
+    case: LinearCase
+    hidden: torch.Tensor  # (B, T, H), the last hidden states at the positions that predict ids
+    weight: torch.Tensor  # (V, H), lm_head.weight (no bias: Qwen and Llama have none)
+    ids: torch.Tensor  # (B, T) int64, sampled from softmax(hidden @ weight.T)
+    advantages: torch.Tensor  # (B,) fp32
+    mask: torch.Tensor  # (B, T) int64
+    old: torch.Tensor  # (B, T) fp32, kept off the clip bounds (see make_linear_problem)
+    ref: torch.Tensor | None  # (B, T) fp32; None when beta == 0
+    nudged: int  # tokens (token level) or sequences (sequence level) whose old log-probs were moved
+
+
+def _flat_chunks(N: int, V: int):
+    """Row slices covering [0, N) in chunks of about CHUNK_ELEMENTS logits."""
+    rows = max(1, CHUNK_ELEMENTS // V)
+    for start in range(0, N, rows):
+        yield slice(start, min(start + rows, N))
+
+
+def _keep_off_clip_bounds(case: Case, lp: torch.Tensor, old: torch.Tensor, mask: torch.Tensor,
+                          margin: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """old log-probs moved so that no ratio lies within `margin` (B, T) of a clip bound.
+
+    The clipped objective's gradient jumps at 1 - eps_low and 1 + eps_high. The logits
+    harness leaves the rows near a bound out of its gradient check, but grad_weight sums
+    every row, so here no row may be near one: a log-ratio within the margin of a bound is
+    moved to the margin's edge, on its side. At sequence level the ratio is the masked mean
+    of the token log-ratios, so a whole sequence's old log-probs move together.
+    """
+    o = case.options
+    eps_high = o["epsilon_low"] if o.get("epsilon_high") is None else o["epsilon_high"]
+    bounds = (math.log(1.0 - o["epsilon_low"]), math.log(1.0 + eps_high))
+    maskf = mask.double()
+    log_ratio = lp - old.double()
+    if o["importance_sampling_level"] == "sequence":
+        n = maskf.sum(-1, keepdim=True).clamp(min=1.0)
+        log_ratio, margin = (log_ratio * maskf).sum(-1, keepdim=True) / n, (margin * maskf).sum(-1, keepdim=True) / n
+        live = maskf.sum(-1, keepdim=True) > 0
+    else:
+        live = mask.bool()
+    target = log_ratio
+    for b in bounds:
+        near = ((target - b).abs() < margin) & live
+        target = torch.where(near, b + torch.where(target >= b, margin, -margin), target)
+    moved = int((target != log_ratio).sum())
+    return (old.double() - (target - log_ratio)).to(old.dtype), moved
+
+
+def make_linear_problem(case: LinearCase, device: torch.device, seed: int = 0) -> LinearProblem:
+    """Fresh random inputs for a fused-linear case, reproducible from `seed`.
+
+    hidden ~ N(0, 1) and weight ~ N(0, LOGIT_SCALE^2 / H) in their dtype, so the logits have
+    the scale of the logits harness's. Tokens are sampled from the exact softmax (float64
+    logits, chunk by chunk); old and ref log-probs are the exact log-probs plus noise, as in
+    make_problem, and then kept off the clip bounds by twice each token's log-prob change
+    under bf16 rounding of its logits plus CLIP_MARGIN_FLOOR (see _keep_off_clip_bounds).
+    """
+    B, T, V, H = case.batch, case.seq_len, case.vocab, case.hidden
+    N = B * T
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(shape, generator=gen, device=device)
+
+    dtype = case.torch_dtype
+    hidden = torch.empty((B, T, H), dtype=dtype, device=device).normal_(0.0, 1.0, generator=gen)
+    weight = torch.empty((V, H), dtype=dtype, device=device).normal_(0.0, LOGIT_SCALE / math.sqrt(H), generator=gen)
+    flat, w64 = hidden.view(N, H), weight.double()
+    ids = torch.empty(N, dtype=torch.int64, device=device)
+    lp = torch.empty(N, dtype=torch.float64, device=device)
+    rounding = torch.empty_like(lp)  # |log-prob change| when the logits are rounded to the inputs' dtype
+    for rows in _flat_chunks(N, V):
+        z = flat[rows].double() @ w64.T
+        u = torch.rand(z.shape, generator=gen, device=device).clamp_(min=1e-20)
+        y = (z - torch.log(-torch.log(u))).argmax(-1, keepdim=True)
+        del u
+        ids[rows] = y.squeeze(-1)
+        lp[rows] = z.log_softmax(-1).gather(-1, y).squeeze(-1)
+        rounding[rows] = (z.to(dtype).double().log_softmax(-1).gather(-1, y).squeeze(-1) - lp[rows]).abs()
+        del z
+    del w64
+    ids, lp, rounding = ids.view(B, T), lp.view(B, T), rounding.view(B, T)
+
+    lengths = T - torch.randint(0, T // MAX_PAD_FRACTION + 1, (B,), generator=gen, device=device)
+    mask = (torch.arange(T, device=device) < lengths.unsqueeze(1)).to(torch.int64)
+    old = lp.float() + LOGPROB_NOISE * randn(B, T)
+    ref = lp.float() + LOGPROB_NOISE * randn(B, T) if case.beta != 0.0 else None
+    old, nudged = _keep_off_clip_bounds(case, lp, old, mask, 2 * rounding + CLIP_MARGIN_FLOOR)
+    return LinearProblem(case, hidden, weight, ids, randn(B), mask, old, ref, nudged)
+
+
+@dataclass
+class LinearOracle:
+    """The float64 reference loss and its exact gradients with respect to hidden and weight."""
+
+    loss: float
+    loss_scale: float  # mean |A| over the completion tokens (see TOLERANCE)
+    grad_hidden: torch.Tensor  # (B, T, H) float64
+    grad_weight: torch.Tensor  # (V, H) float64
+
+
+def linear_oracle(p: LinearProblem) -> LinearOracle:
+    """reference.grpo_loss in float64 on the explicit logits hidden @ weight.T, without a
+    float64 N x V tensor.
+
+    As in `oracle`, the loss sees row t of the logits only through l_t and H_t. A first
+    sweep computes them in float64 chunk by chunk; autograd through
+    reference.grpo_loss_from_logprobs then gives c_t = dL/dl_t and e_t = dL/dH_t; a second
+    sweep recomputes each chunk's logits z with autograd, pulls (c, e) back through
+    reference.token_logprobs to dL/dz, and applies the chain rule of z = hidden @ weight.T:
+    grad_hidden = dL/dz @ weight, grad_weight = sum over chunks of dL/dz.T @ hidden. These
+    are exactly the gradients of the whole reference (tests/test_bench_smoke.py checks it).
+    """
+    case = p.case
+    B, T, V, H = case.batch, case.seq_len, case.vocab, case.hidden
+    N, temperature = B * T, case.options["temperature"]
+    h64, w64, ids = p.hidden.reshape(N, H).double(), p.weight.double(), p.ids.reshape(N)
+    lp = torch.empty(N, dtype=torch.float64, device=h64.device)
+    ent = torch.empty_like(lp)
+    with torch.no_grad():
+        for rows in _flat_chunks(N, V):
+            lp[rows], ent[rows] = reference.token_logprobs(h64[rows] @ w64.T, ids[rows], temperature)
+    lp, ent = lp.view(B, T).requires_grad_(True), ent.view(B, T).requires_grad_(True)
+    loss, _ = reference.grpo_loss_from_logprobs(
+        lp, ent, p.advantages.double(), p.mask, p.old.double(), None if p.ref is None else p.ref.double(), None, None,
+        GRPOOptions(**case.options))
+    c, e = torch.autograd.grad(loss, (lp, ent), allow_unused=True)
+    c = torch.zeros_like(lp) if c is None else c  # unused: e.g. every token masked
+    e = torch.zeros_like(ent) if e is None else e  # the entropy is only a metric here
+    c, e = c.reshape(N), e.reshape(N)
+    grad_hidden = torch.empty_like(h64)
+    grad_weight = torch.zeros_like(w64)
+    for rows in _flat_chunks(N, V):
+        z = (h64[rows] @ w64.T).requires_grad_(True)
+        lp_rows, ent_rows = reference.token_logprobs(z, ids[rows], temperature)
+        (dz,) = torch.autograd.grad((lp_rows, ent_rows), z, (c[rows], e[rows]))
+        del z, lp_rows, ent_rows
+        grad_hidden[rows] = dz @ w64
+        grad_weight.addmm_(dz.T, h64[rows])
+        del dz
+    mask = p.mask.double()
+    scale = float((p.advantages.double().abs().unsqueeze(1) * mask).sum() / mask.sum().clamp(min=1.0))
+    return LinearOracle(loss.item(), scale, grad_hidden.view(B, T, H), grad_weight)
+
+
+def _rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """Relative Frobenius error of x against ref, a block of rows at a time (no float64 copy
+    of a V x H gradient); inf where x is not finite."""
+    num = den = 0.0
+    x, ref = x.reshape(-1, x.shape[-1]), ref.reshape(-1, ref.shape[-1])
+    step = max(1, CHUNK_ELEMENTS // max(x.shape[-1], 1))
+    for start in range(0, x.shape[0], step):
+        a, b = x[start:start + step].double(), ref[start:start + step]
+        if not bool(torch.isfinite(a).all()):
+            return math.inf
+        num += float(((a - b) ** 2).sum())
+        den += float((b**2).sum())
+    return math.sqrt(num / den) if den > 0 else float(num > 0)
+
+
+def linear_error(o: LinearOracle, loss: torch.Tensor, grad_hidden: torch.Tensor,
+                 grad_weight: torch.Tensor) -> tuple[float, float, float]:
+    """(loss error, grad_hidden error, grad_weight error) against the oracle; inf where not finite.
+
+    The loss error is that of `error`; each gradient error is the relative Frobenius error
+    over the whole tensor (every row: none is near a clip bound, see _keep_off_clip_bounds).
+    """
+    value = float(loss)
+    if not math.isfinite(value):
+        return math.inf, math.inf, math.inf
+    loss_err = abs(value - o.loss) / max(abs(o.loss), o.loss_scale, torch.finfo(torch.float64).tiny)
+    return loss_err, _rel_err(grad_hidden, o.grad_hidden), _rel_err(grad_weight, o.grad_weight)

@@ -1,4 +1,7 @@
-"""The results: derived figures, the stdout table, the JSON of SPEC section 5, the PNG plot."""
+"""The results: derived figures, the stdout table, the JSON of SPEC section 5, the PNG plot.
+
+Rows of the fused-linear unit (issue 6) carry `hidden` (H); their figures are FLOP rates and
+ratios to the unfused path, not bandwidths, and they get their own blocks and panels."""
 from __future__ import annotations
 
 import json
@@ -8,7 +11,7 @@ from collections.abc import Iterable
 from itertools import groupby
 from pathlib import Path
 
-from .impls import ALL, BASELINES, PEERS
+from .impls import ALL, BASELINES, LINEAR_BASELINES, PEERS
 
 # Columns of SPEC section 5, in its order; every row has them, None where not measured.
 SPEC_ROW_KEYS = ("impl", "n_tokens", "vocab", "dtype", "beta", "level", "fwd_ms", "fwd_bwd_ms", "peak_extra_mb")
@@ -21,7 +24,18 @@ ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 def case_key(row: dict) -> tuple:
-    return row["n_tokens"], row["vocab"], row["dtype"], row["beta"], row["level"]
+    return row["n_tokens"], row["vocab"], row["dtype"], row["beta"], row["level"], row.get("hidden") or 0
+
+
+def is_linear(row: dict) -> bool:
+    return bool(row.get("hidden"))
+
+
+def linear_flops(row: dict) -> int:
+    """The model FLOPs of one forward+backward of the fused-linear unit: 6 N H V (forward
+    2NHV, the gradients of hidden and weight 2NHV each). A design that recomputes the
+    logits in its backward executes 8 N H V; the rate is of the useful 6."""
+    return 6 * row["n_tokens"] * row["hidden"] * row["vocab"]
 
 
 def logits_bytes(row: dict) -> int:
@@ -39,6 +53,9 @@ def derive(rows: list[dict], copy_gbps: float) -> None:
     """
     for _, group in groupby(sorted(rows, key=case_key), key=case_key):
         group = list(group)
+        if is_linear(group[0]):
+            derive_linear(group)
+            continue
         times = {r["impl"]: r["fwd_bwd_ms"] for r in group if r["fwd_bwd_ms"]}
         for r in group:
             nbytes = logits_bytes(r)
@@ -50,6 +67,24 @@ def derive(rows: list[dict], copy_gbps: float) -> None:
             r["pct_copy"] = _sig(100 * PASSES * nbytes / (t * 1e-3) / 1e9 / copy_gbps) if t else None
             r["x_floor"] = _sig(t / floor_ms) if t else None
             r["speedup"] = {b: _sig(times[b] / t) for b in BASELINES if t and b in times and b != r["impl"]}
+
+
+def derive_linear(group: list[dict]) -> None:
+    """The fused-linear rows of one case: tflops = 6NHV over the forward+backward time,
+    fwd_tflops = 2NHV over the forward time, speedup[b] over each of LINEAR_BASELINES, and
+    the peak memory as a share of the unfused path's, with and without the gradients
+    (peak_vs_unfused, beyond_grad_vs_unfused; issue 6 item 4 asks < 10%)."""
+    times = {r["impl"]: r["fwd_bwd_ms"] for r in group if r["fwd_bwd_ms"]}
+    unfused = next((r for r in group if r["impl"] == "unfused"), {})
+    for r in group:
+        t, tf = r["fwd_bwd_ms"], r["fwd_ms"]
+        flops = linear_flops(r)
+        r["tflops"] = _sig(flops / (t * 1e-3) / 1e12) if t else None
+        r["fwd_tflops"] = _sig(flops / 3 / (tf * 1e-3) / 1e12) if tf else None
+        r["speedup"] = {b: _sig(times[b] / t) for b in LINEAR_BASELINES if t and b in times and b != r["impl"]}
+        for key, ref_key in (("peak_vs_unfused", "peak_extra_mb"), ("beyond_grad_vs_unfused", "peak_beyond_grad_mb")):
+            mine, theirs = r.get(ref_key), unfused.get(ref_key)
+            r[key] = _sig(mine / theirs) if mine is not None and theirs and r["impl"] != "unfused" else None
 
 
 def _sig(x: float, digits: int = 4) -> float:
@@ -79,13 +114,33 @@ def table(results: dict) -> str:
     head = (f"{'impl':<12}{'fwd ms':>9}{'fwd+bwd ms':>12}{'peak MB':>10}{'beyond %':>10}{'GB/s':>8}{'%copy':>7}"
             f"{'x floor':>9}"
             + "".join(f"{'x ' + b:>11}" for b in BASELINES) + f"{'max err':>10}  note")
+    # Fused linear: "beyond MB" is the peak without the returned gradients; "% unfused" both
+    # peaks as shares of the unfused path's (issue 6 item 4: < 10%); TFLOP/s of 6 N H V.
+    linear_head = (f"{'impl':<13}{'fwd ms':>9}{'fwd+bwd ms':>12}{'peak MB':>10}{'beyond MB':>11}{'% unfused':>14}"
+                   f"{'TFLOP/s':>10}" + "".join(f"{'x ' + b:>16}" for b in LINEAR_BASELINES) + f"{'max err':>10}  note")
     order = {name: i for i, name in enumerate(ALL)}
     rows = sorted(results["rows"], key=lambda r: (case_key(r), order.get(r["impl"], 99)))
     for key, group in groupby(rows, key=case_key):
         group = list(group)
-        n, v, dtype, beta, level = key
+        n, v, dtype, beta, level, h = key
         r0 = group[0]
         lines.append("")
+        if h:
+            lines.append(f"N={n} V={v} H={h} {dtype} beta={beta} {level}-level, fused linear  (B={r0.get('batch')}, "
+                         f"T={r0.get('seq_len')}; the logits would be {logits_bytes(r0) / 1e9:.3g} GB; "
+                         f"6NHV = {linear_flops(r0) / 1e12:.3g} TFLOP)")
+            lines.append(linear_head)
+            for r in group:
+                speed = r.get("speedup") or {}
+                share = (f"{_fmt(r.get('peak_vs_unfused'), '.1%')}/{_fmt(r.get('beyond_grad_vs_unfused'), '.1%')}"
+                         if r.get("peak_vs_unfused") is not None else "-")
+                lines.append(
+                    f"{r['impl']:<13}{_fmt(r['fwd_ms'], '.3f'):>9}{_fmt(r['fwd_bwd_ms'], '.3f'):>12}"
+                    f"{_fmt(r['peak_extra_mb'], '.0f'):>10}{_fmt(r.get('peak_beyond_grad_mb'), '.0f'):>11}{share:>14}"
+                    f"{_fmt(r.get('tflops'), '.3g'):>10}"
+                    + "".join(f"{_fmt(speed.get(b), '.2f'):>16}" for b in LINEAR_BASELINES)
+                    + f"{_fmt(r.get('max_err'), '.1e'):>10}  {r.get('note') or ''}")
+            continue
         lines.append(f"N={n} V={v} {dtype} beta={beta} {level}-level  (B={r0.get('batch')}, T={r0.get('seq_len')}; "
                      f"logits {logits_bytes(r0) / 1e9:.3g} GB; three-pass floor {_fmt(r0.get('floor_ms'), '.3g')} ms)")
         lines.append(head)
@@ -128,22 +183,34 @@ def _plot_slice(rows: list[dict]) -> dict:
 
 def plot(results: dict, path: Path) -> None:
     """Forward+backward time and peak extra memory against V, one line per implementation,
-    one row of panels per token count."""
+    one row of panels per token count; then, where the run has fused-linear rows, one row of
+    bars: their time and peak memory (solid: beyond the gradients) per token count."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in results["rows"] if r["fwd_bwd_ms"] is not None]
-    if not rows:
-        rows = results["rows"]
-    sl = _plot_slice(rows)
-    rows = [r for r in rows if all(r[k] == v for k, v in sl.items())]
-    token_counts = sorted({r["n_tokens"] for r in rows}) or [0]
-    fig, axes = plt.subplots(len(token_counts), 2, figsize=(11, 3.6 * len(token_counts)), squeeze=False)
-    for (ax_t, ax_m), n in zip(axes, token_counts, strict=True):
-        for i, name in enumerate(ALL):
-            style = dict(marker="o", label=name, color=f"C{i}")  # one colour per implementation in every panel
+    timed = [r for r in results["rows"] if r["fwd_bwd_ms"] is not None] or results["rows"]
+    rows = [r for r in timed if not is_linear(r)]
+    linear = [r for r in timed if is_linear(r)]
+    titles = []
+    if rows:
+        sl = _plot_slice(rows)
+        rows = [r for r in rows if all(r[k] == v for k, v in sl.items())]
+        titles.append(f"{sl['dtype']}, beta = {sl['beta']}, {sl['level']}-level, DAPO loss")
+    if linear:
+        sl_linear = _plot_slice(linear)
+        linear = [r for r in linear if all(r[k] == v for k, v in sl_linear.items())]
+        titles.append(f"fused linear (H = {linear[0]['hidden']}, V = {linear[0]['vocab']}): {sl_linear['dtype']}, "
+                      f"beta = {sl_linear['beta']}, {sl_linear['level']}-level")
+    token_counts = sorted({r["n_tokens"] for r in rows}) or ([] if linear else [0])
+    n_panels = len(token_counts) + bool(linear)
+    fig, axes = plt.subplots(n_panels, 2, figsize=(11, 3.6 * n_panels), squeeze=False)
+    # One colour per implementation in every panel (the tab10 cycle, then black).
+    colour = {name: f"C{i}" if i < 10 else "black" for i, name in enumerate(ALL)}
+    for (ax_t, ax_m), n in zip(axes, token_counts, strict=False):
+        for name in ALL:
+            style = dict(marker="o", label=name, color=colour[name])
             pts = sorted((r["vocab"], r["fwd_bwd_ms"], r["peak_extra_mb"]) for r in rows
                          if r["impl"] == name and r["n_tokens"] == n)
             if not pts:
@@ -164,15 +231,51 @@ def plot(results: dict, path: Path) -> None:
             ax.grid(True, alpha=0.3)
             if ax.lines:
                 ax.legend(fontsize=8)
+    if linear:
+        _plot_linear(axes[-1], linear, colour)
     label = "CPU measurement (not a GPU figure)" if results.get("mode") == "cpu" else "GPU measurement"
     fig.suptitle(f"{label}: {results['device']}, {results['date']}, commit {results['commit'][:10]}\n"
-                 f"{sl['dtype']}, beta = {sl['beta']}, {sl['level']}-level, DAPO loss", fontsize=10)
+                 + "; ".join(titles), fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
+def _plot_linear(axes, rows: list[dict], colour: dict[str, str]) -> None:
+    """Bars of the fused-linear rows: forward+backward time and peak memory, grouped by N."""
+    ax_t, ax_m = axes
+    token_counts = sorted({r["n_tokens"] for r in rows})
+    names = [n for n in ALL if any(r["impl"] == n for r in rows)]
+    width = 0.8 / max(len(names), 1)
+    for i, name in enumerate(names):
+        mine = {r["n_tokens"]: r for r in rows if r["impl"] == name}
+        xs = [j + (i - (len(names) - 1) / 2) * width for j, n in enumerate(token_counts) if n in mine]
+        ns = [n for n in token_counts if n in mine]
+        ax_t.bar(xs, [mine[n]["fwd_bwd_ms"] or 0 for n in ns], width, label=name, color=colour[name])
+        peaks = [mine[n]["peak_extra_mb"] for n in ns]
+        if any(p is not None for p in peaks):
+            ax_m.bar(xs, [p or 0 for p in peaks], width, color=colour[name], alpha=0.35)
+            ax_m.bar(xs, [mine[n].get("peak_beyond_grad_mb") or 0 for n in ns], width, label=name,
+                     color=colour[name])
+    for ax in (ax_t, ax_m):
+        ax.set_xticks(range(len(token_counts)), [f"N = {n}" for n in token_counts])
+        ax.grid(True, axis="y", alpha=0.3)
+    ax_t.set(ylabel="forward+backward ms (median)", title="fused linear: time")
+    ax_m.set(ylabel="peak memory above inputs, MB",
+             title="fused linear: memory (pale: with gradients)")
+    if ax_t.patches:
+        ax_t.legend(fontsize=8)
+    if ax_m.patches:
+        ax_m.legend(fontsize=8)
+    else:
+        ax_m.text(0.5, 0.5, "not measured on the CPU", ha="center", va="center", transform=ax_m.transAxes)
+
+
 def summarize_errors(rows: Iterable[dict]) -> list[str]:
     """One line per row that was not timed, for the end of the run."""
-    return [f"{r['impl']} at N={r['n_tokens']} V={r['vocab']} {r['dtype']} beta={r['beta']} {r['level']}: {r['note']}"
-            for r in rows if r["fwd_bwd_ms"] is None]
+    lines = []
+    for r in rows:
+        if r["fwd_bwd_ms"] is None:
+            shape = f"N={r['n_tokens']} V={r['vocab']}" + (f" H={r['hidden']}" if is_linear(r) else "")
+            lines.append(f"{r['impl']} at {shape} {r['dtype']} beta={r['beta']} {r['level']}: {r['note']}")
+    return lines

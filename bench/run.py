@@ -6,11 +6,17 @@ the peak memory of one forward+backward and checks that call's loss and gradient
 the oracle, and only if they pass, times the forward and the forward+backward. An
 implementation that fails the check, or raises, gets a row with its error and no times.
 
+The fused-linear unit (issue 6: the loss from hidden states and lm_head, never the logits)
+runs the same way on its own cases, with its own implementations: each is checked on its
+loss and on the gradients of hidden and weight, against the float64 reference through the
+explicit logits.
+
 The results file is rewritten after every case, so a run stopped by a time limit still
 leaves every finished case on disk ("complete": false until the end).
 
     python -m bench.run                # GPU grid when CUDA is there, else the CPU grid
     python -m bench.run --quick        # the work-unit shapes only (GPU)
+    python -m bench.run --unit linear  # the fused-linear cases only (--unit logits: the others)
     python -m bench.run --smoke --out /tmp/x   # tiny shapes, two reps: the test suite's check
 """
 from __future__ import annotations
@@ -26,7 +32,8 @@ import torch
 
 from . import measure, report
 from .impls import ALL, Impl, discover
-from .problem import TOLERANCE, Case, Oracle, Problem, error, make_problem, oracle
+from .problem import (LINEAR_TOLERANCE, TOLERANCE, Case, LinearCase, LinearOracle, LinearProblem, Oracle, Problem,
+                      error, linear_error, linear_oracle, make_linear_problem, make_problem, oracle)
 
 DEFAULT_OUT = measure.REPO / "bench" / "results"
 
@@ -40,6 +47,16 @@ WORK_UNIT = ((8192, 151936), (16384, 151936))
 # The CPU grid: the shape named in issue 3 and a smaller vocabulary, so the plot has a slope.
 CPU_TOKENS, CPU_VOCABS, CPU_SEQ_LEN = (512,), (8192, 32000), 128
 SMOKE_TOKENS, SMOKE_VOCABS, SMOKE_SEQ_LEN = (64,), (500, 1000), 16
+# The fused-linear unit of issue 6: Qwen's H and V, bf16, at the work unit's token counts.
+# On the GPU only the full objective (beta = 0.04) at token level, right after the logits
+# work unit: with the float64 oracle (four float64 GEMMs of 2NHV) and Liger's fp32
+# backward GEMMs, a case takes about a minute (bench/NOTES.md), and the one-call budget
+# of gpu_validate_and_time.sh has room for two.
+LINEAR_HIDDEN, LINEAR_VOCAB, LINEAR_TOKENS = 4096, 151936, (8192, 16384)
+# CPU: one tiny shape, both dtypes and levels; smoke: tinier still.
+CPU_LINEAR = dict(n_tokens=256, vocab=4096, hidden=64, seq_len=64)
+SMOKE_LINEAR = dict(n_tokens=64, vocab=500, hidden=32, seq_len=16)
+UNITS = ("all", "logits", "linear")
 # Torch threads on the CPU. The development machine has two cores shared with other work,
 # and while another process held one of them, two OpenMP threads ran the same step 5x
 # slower than one: their barriers spin on a core they do not have (measured here on
@@ -62,6 +79,32 @@ def gpu_cases(quick: bool) -> list[Case]:
                                         c.n_tokens, c.vocab, c.level != "token", c.beta))
 
 
+def linear_cases(mode: str, smoke: bool) -> list[LinearCase]:
+    """The fused-linear cases: GPU as LINEAR_*, the CPU and smoke shapes otherwise."""
+    if mode == "gpu" and not smoke:
+        return [LinearCase(n, LINEAR_VOCAB, "bfloat16", 0.04, "token", GPU_SEQ_LEN, LINEAR_HIDDEN)
+                for n in LINEAR_TOKENS]
+    shape = SMOKE_LINEAR if smoke else CPU_LINEAR
+    return [LinearCase(beta=0.04, dtype=dtype, level=level, **shape)
+            for dtype in ("float32", "bfloat16") for level in LEVELS]
+
+
+def all_cases(mode: str, smoke: bool, quick: bool, unit: str) -> list[Case]:
+    """The run's cases in order. GPU: the logits work unit (bf16) first, then the fused-linear
+    cases, then the rest of the logits grid, so a run cut short by its budget has both units."""
+    logits = cpu_cases(smoke) if mode == "cpu" or smoke else gpu_cases(quick)
+    linear = linear_cases(mode, smoke)
+    if unit == "logits":
+        return logits
+    if unit == "linear":
+        return linear
+    if mode != "gpu":
+        return logits + linear
+    # gpu_cases sorts the bf16 work-unit cases first.
+    first = sum((c.n_tokens, c.vocab) in WORK_UNIT and c.dtype == "bfloat16" for c in logits)
+    return logits[:first] + linear + logits[first:]
+
+
 def cpu_cases(smoke: bool) -> list[Case]:
     tokens, vocabs, seq_len = (SMOKE_TOKENS, SMOKE_VOCABS, SMOKE_SEQ_LEN) if smoke else (
         CPU_TOKENS, CPU_VOCABS, CPU_SEQ_LEN)
@@ -78,11 +121,23 @@ def compile_applies(case: Case, device: torch.device) -> bool:
 
 
 def _row(case: Case, impl: Impl, mode: str) -> dict:
-    """A results row before measurement: SPEC section 5's keys first, then ours."""
+    """A results row before measurement: SPEC section 5's keys first, then ours. `hidden` is
+    H for a fused-linear row and None for a logits row."""
+    linear = isinstance(case, LinearCase)
     return {"impl": impl.name, "n_tokens": case.n_tokens, "vocab": case.vocab, "dtype": case.dtype,
             "beta": case.beta, "level": case.level, "fwd_ms": None, "fwd_bwd_ms": None, "peak_extra_mb": None,
+            "unit": case.unit, "hidden": case.hidden if linear else None,
             "mode": mode, "batch": case.batch, "seq_len": case.seq_len, "inplace": impl.inplace,
-            "max_err": None, "tolerance": TOLERANCE[case.torch_dtype], "note": None}
+            "max_err": None, "tolerance": (LINEAR_TOLERANCE if linear else TOLERANCE)[case.torch_dtype], "note": None}
+
+
+def _time(out: dict, forward, step, device: torch.device, timing: measure.Timing) -> None:
+    """fwd_ms and fwd_bwd_ms (and on the CPU their minima) into `out`."""
+    for key, fn in (("fwd", forward), ("fwd_bwd", step)):
+        median, minimum = measure.time_ms(fn, device, timing)
+        out[f"{key}_ms"] = round(median, 4)
+        if minimum is not None:
+            out[f"{key}_min_ms"] = round(minimum, 4)
 
 
 def measure_impl(impl: Impl, p: Problem, o: Oracle, device: torch.device, timing: measure.Timing) -> dict:
@@ -126,18 +181,65 @@ def measure_impl(impl: Impl, p: Problem, o: Oracle, device: torch.device, timing
         return out
     del loss, grad
     restore()
-    for key, fn in (("fwd", forward), ("fwd_bwd", step)):
-        median, minimum = measure.time_ms(fn, device, timing)
-        out[f"{key}_ms"] = round(median, 4)
-        if minimum is not None:
-            out[f"{key}_min_ms"] = round(minimum, 4)
+    _time(out, forward, step, device, timing)
+    return out
+
+
+def measure_linear_impl(impl: Impl, p: LinearProblem, o: LinearOracle, device: torch.device,
+                        timing: measure.Timing) -> dict:
+    """measure_impl for the fused-linear unit: the gradients are those of hidden and weight.
+
+    peak_extra_mb counts the returned gradients (grad_weight alone is V * H, 1.2 GB at
+    Qwen's shape in bf16); peak_beyond_grad_mb takes them out.
+    """
+    # Leaves sharing the problem's storage: no implementation here writes into its inputs.
+    hidden = p.hidden.detach().requires_grad_(True)
+    weight = p.weight.detach().requires_grad_(True)
+
+    def forward() -> torch.Tensor:
+        return impl.loss(p, hidden, weight)
+
+    def step() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        loss = impl.loss(p, hidden, weight)
+        grad_hidden, grad_weight = torch.autograd.grad(loss, (hidden, weight))
+        return loss.detach(), grad_hidden, grad_weight
+
+    step()  # compiles outside the measurements: Triton JIT, Liger's torch.compile of its loss
+    (loss, grad_hidden, grad_weight), peak = measure.peak_extra(step, device)
+    grads_mb = (grad_hidden.nbytes + grad_weight.nbytes) / measure.MB
+    out: dict = {"peak_extra_mb": None if peak is None else round(peak, 1), "grad_mb": round(grads_mb, 1)}
+    if peak is not None:
+        out["peak_beyond_grad_mb"] = round(peak - grads_mb, 1)
+    loss_err, hidden_err, weight_err = linear_error(o, loss, grad_hidden, grad_weight)
+    err = max(loss_err, hidden_err, weight_err)
+    tolerance = LINEAR_TOLERANCE[p.case.torch_dtype]
+    for key, value in (("max_err", err), ("loss_err", loss_err), ("grad_err", max(hidden_err, weight_err)),
+                       ("grad_hidden_err", hidden_err), ("grad_weight_err", weight_err)):
+        out[key] = float(f"{value:.3e}") if math.isfinite(value) else None  # JSON has no inf
+    out["rows_nudged"] = p.nudged
+    if not err <= tolerance:
+        out["note"] = (f"FAILED validation against the float64 reference: error {err:.2e} (loss {loss_err:.1e}, "
+                       f"grad_hidden {hidden_err:.1e}, grad_weight {weight_err:.1e}) > tolerance {tolerance:.0e}; "
+                       "not timed")
+        return out
+    del loss, grad_hidden, grad_weight
+    _time(out, forward, step, device, timing)
     return out
 
 
 def run_case(case: Case, impls: list[Impl], device: torch.device, timing: measure.Timing, mode: str,
              seed: int, oracle_rows: int) -> list[dict]:
-    p = make_problem(case, device, seed)
-    o = oracle(p, oracle_rows)
+    linear = isinstance(case, LinearCase)
+    impls = [i for i in impls if i.unit == case.unit]
+    if not impls:
+        return []
+    if linear:
+        p = make_linear_problem(case, device, seed)
+        o = linear_oracle(p)
+    else:
+        p = make_problem(case, device, seed)
+        o = oracle(p, oracle_rows)
+    measure_fn = measure_linear_impl if linear else measure_impl
     rows = []
     for impl in impls:
         if impl.name == "compile" and not compile_applies(case, device):
@@ -145,7 +247,7 @@ def run_case(case: Case, impls: list[Impl], device: torch.device, timing: measur
         row = _row(case, impl, mode)
         t0 = time.perf_counter()
         try:
-            row.update(measure_impl(impl, p, o, device, timing))
+            row.update(measure_fn(impl, p, o, device, timing))
         except torch.cuda.OutOfMemoryError:
             row["note"] = "out of memory"
         except Exception as exc:  # noqa: BLE001 - one broken implementation must not end the run
@@ -166,7 +268,10 @@ def run_case(case: Case, impls: list[Impl], device: torch.device, timing: measur
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, two reps (the test suite's check)")
-    ap.add_argument("--quick", action="store_true", help="GPU: the work-unit shapes only")
+    ap.add_argument("--quick", action="store_true",
+                    help="GPU: the work-unit shapes only (and the fused-linear cases, unless --unit logits)")
+    ap.add_argument("--unit", choices=UNITS, default="all",
+                    help="the logits-kernel cases, the fused-linear cases, or all (default)")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="directory for the JSON and the PNG")
     ap.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda when available")
     ap.add_argument("--impls", help=f"comma-separated subset of: {', '.join(ALL)}")
@@ -187,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     mode = "gpu" if device.type == "cuda" else "cpu"
     if mode == "cpu":
         torch.set_num_threads(args.threads)
-    cases = cpu_cases(args.smoke) if mode == "cpu" or args.smoke else gpu_cases(args.quick)
+    cases = all_cases(mode, args.smoke, args.quick, args.unit)
     if mode == "cpu":
         timing = measure.SMOKE_TIMING if args.smoke else measure.CPU_TIMING
     else:
@@ -210,6 +315,7 @@ def main(argv: list[str] | None = None) -> int:
         "environment": env,
         "versions": {i.name: i.version for i in impls if i.version},
         "case_options": {c.level: {k: v for k, v in c.options.items() if k != "beta"} for c in cases},
+        "unit": args.unit,
         "skipped_impls": skipped,
         "skipped_cases": [],
         "rows": [],
@@ -226,8 +332,9 @@ def main(argv: list[str] | None = None) -> int:
             results["skipped_cases"] = [asdict(c) for c in cases[i:]]
             print(f"time budget of {args.budget_s:.0f} s spent: {len(cases) - i} case(s) not run", flush=True)
             break
-        print(f"[{i + 1}/{len(cases)}] N={case.n_tokens} V={case.vocab} {case.dtype} beta={case.beta} {case.level}",
-              flush=True)
+        shape = f"N={case.n_tokens} V={case.vocab}" + (f" H={case.hidden} (fused linear)"
+                                                        if isinstance(case, LinearCase) else "")
+        print(f"[{i + 1}/{len(cases)}] {shape} {case.dtype} beta={case.beta} {case.level}", flush=True)
         results["rows"] += run_case(case, impls, device, timing, mode, args.seed + i, args.oracle_rows)
         report.derive(results["rows"], copy_gbps)
         report.write_json(results, json_path)

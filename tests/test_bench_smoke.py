@@ -1,5 +1,6 @@
 """The benchmark harness keeps working: `python -m bench.run --smoke` on the CPU writes the
-results file of SPEC section 5 and the plot, and its float64 oracle is reference.grpo_loss.
+results file of SPEC section 5 and the plot, for the logits kernels and the fused-linear unit,
+and its float64 oracles are reference.grpo_loss (through explicit logits for the linear one).
 
 Not a timed test: the smoke run's figures are not looked at, only their shape.
 """
@@ -19,7 +20,9 @@ from grpo_kernels import reference
 REPO = Path(__file__).resolve().parent.parent
 SPEC_TOP_KEYS = {"device", "commit", "date", "torch", "triton", "copy_gbps", "rows"}
 SPEC_ROW_KEYS = {"impl", "n_tokens", "vocab", "dtype", "beta", "level", "fwd_ms", "fwd_bwd_ms", "peak_extra_mb"}
+# SPEC section 5's impl names, and those of the fused-linear unit (issue 6; bench/NOTES.md).
 IMPLS = {"eager", "compile", "liger", "trl", "ours-triton", "ours-cuda", "ours-torch"}
+LINEAR_IMPLS = {"ours-linear", "unfused", "liger-linear", "trl-linear"}
 
 
 @pytest.fixture(scope="module")
@@ -43,18 +46,32 @@ def test_results_file_has_the_spec_schema(smoke_run):
     assert rows
     for row in rows:
         assert SPEC_ROW_KEYS <= row.keys()
-        assert row["impl"] in IMPLS
+        assert row["impl"] in (LINEAR_IMPLS if row["hidden"] else IMPLS)
+        assert row["unit"] == ("linear" if row["hidden"] else "logits")
         assert row["dtype"] in ("float32", "bfloat16") and row["level"] in ("token", "sequence")
         assert row["peak_extra_mb"] is None  # no allocator counter on the CPU
         assert row["mode"] == "cpu"
-    # On the CPU the harness compares eager PyTorch with our chunked path, and both are right.
-    assert {r["impl"] for r in rows} == {"eager", "ours-torch"}
+    # On the CPU the harness compares eager PyTorch with our chunked path, and the unfused
+    # matmul + logits kernel with our fused-linear path; all are right.
+    logits, linear = [r for r in rows if not r["hidden"]], [r for r in rows if r["hidden"]]
+    assert {r["impl"] for r in logits} == {"eager", "ours-torch"}
+    assert {r["impl"] for r in linear} == {"ours-linear", "unfused"}
+    assert {(r["dtype"], r["level"]) for r in linear} == {(d, lv) for d in ("float32", "bfloat16")
+                                                          for lv in ("token", "sequence")}
     for row in rows:
         assert row["max_err"] is not None and row["max_err"] <= row["tolerance"], row
         assert row["fwd_ms"] > 0 and row["fwd_bwd_ms"] > 0
+    for row in logits:
         assert math.isclose(row["gbps"] * row["fwd_bwd_ms"] / 1e3,
                             3 * row["n_tokens"] * row["vocab"] * (4 if row["dtype"] == "float32" else 2) / 1e9,
                             rel_tol=1e-2)
+    for row in linear:
+        assert row["grad_hidden_err"] <= row["tolerance"] and row["grad_weight_err"] <= row["tolerance"]
+        assert math.isclose(row["tflops"] * 1e12 * row["fwd_bwd_ms"] / 1e3,
+                            6 * row["n_tokens"] * row["hidden"] * row["vocab"], rel_tol=1e-2)
+        # Ours keeps the logits in fp32: its bf16 error is the rounding of the gradients alone.
+        if row["impl"] == "ours-linear":
+            assert row["max_err"] <= (1e-5 if row["dtype"] == "float32" else 1e-2), row
 
 
 def test_plot_and_table(smoke_run):
@@ -62,6 +79,7 @@ def test_plot_and_table(smoke_run):
     png = json_path.with_suffix(".png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "CPU figures" in stdout and "ours-torch" in stdout
+    assert "fused linear" in stdout and "ours-linear" in stdout and "unfused" in stdout
 
 
 @pytest.mark.parametrize("level", ["token", "sequence"])
@@ -79,6 +97,39 @@ def test_oracle_is_the_float64_reference(level, dtype):
     assert o.loss == pytest.approx(loss.item(), rel=1e-12, abs=1e-15)
     assert len(o.rows[0]) + o.near_clip_bound == 20
     torch.testing.assert_close(o.grad, grad[o.rows], rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_linear_oracle_is_the_float64_reference(level, dtype):
+    """The fused-linear oracle gives reference.grpo_loss's loss and gradients through the
+    explicit float64 logits hidden @ weight.T, and no ratio is left near a clip bound."""
+    from bench import problem
+    from bench.problem import LinearCase, linear_oracle, make_linear_problem
+
+    case = LinearCase(48, 300, dtype, 0.04, level, 12, 16)
+    p = make_linear_problem(case, torch.device("cpu"), seed=3)
+    o = linear_oracle(p)
+    hidden = p.hidden.double().requires_grad_(True)
+    weight = p.weight.double().requires_grad_(True)
+    loss, metrics = reference.grpo_loss(hidden @ weight.T, p.ids, p.advantages.double(), p.mask, p.old.double(),
+                                        p.ref.double(), **case.options)
+    grad_hidden, grad_weight = torch.autograd.grad(loss, (hidden, weight))
+    assert o.loss == pytest.approx(loss.item(), rel=1e-12, abs=1e-15)
+    torch.testing.assert_close(o.grad_hidden, grad_hidden, rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(o.grad_weight, grad_weight, rtol=1e-10, atol=1e-14)
+
+    # Every (token or sequence) log-ratio is at least the margin floor away from each bound.
+    log_ratio = metrics["logprobs"].double() - p.old.double()
+    mask = p.mask.double()
+    if level == "sequence":
+        log_ratio = (log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
+    else:
+        log_ratio = log_ratio[p.mask.bool()]
+    for bound in (math.log(0.8), math.log(1.28)):
+        assert (log_ratio - bound).abs().min() >= problem.CLIP_MARGIN_FLOOR * 0.999
+    loss_err, hidden_err, weight_err = problem.linear_error(o, loss.detach(), grad_hidden, grad_weight)
+    assert max(loss_err, hidden_err, weight_err) < 1e-12
 
 
 def test_report_of_a_gpu_run(tmp_path):
@@ -105,3 +156,36 @@ def test_report_of_a_gpu_run(tmp_path):
     report.plot(results, tmp_path / "r.png")
     assert json.loads((tmp_path / "r.json").read_text())["rows"][3]["x_floor"] == pytest.approx(2.6 / 2.489, rel=1e-3)
     assert (tmp_path / "r.png").stat().st_size > 10_000
+
+
+def test_report_of_a_gpu_run_with_fused_linear_rows(tmp_path):
+    """Fused-linear rows get their own figures (TFLOP/s, ratios to unfused) beside logits rows
+    of the same N, V, dtype, beta and level, and render in the table and the plot."""
+    from bench import report
+
+    def row(impl, fwd_bwd, peak, beyond, hidden=4096, note=None):
+        return {"impl": impl, "n_tokens": 8192, "vocab": 151936, "dtype": "bfloat16", "beta": 0.04, "level": "token",
+                "fwd_ms": None if fwd_bwd is None else fwd_bwd / 3, "fwd_bwd_ms": fwd_bwd, "peak_extra_mb": peak,
+                "peak_beyond_grad_mb": beyond, "hidden": hidden, "unit": "linear" if hidden else "logits",
+                "max_err": 1e-3, "note": note, "mode": "gpu", "batch": 8, "seq_len": 1024}
+
+    results = {"device": "NVIDIA H100 80GB HBM3", "commit": "0" * 40, "date": "2026-01-01", "torch": "2.11.0",
+               "triton": "3.6.0", "copy_gbps": 3000.0, "mode": "gpu",
+               "rows": [row("ours-triton", 2.6, 2495.0, None, hidden=None), row("unfused", 55.0, 6300.0, 5000.0),
+                        row("ours-linear", 60.0, 1500.0, 190.0), row("liger-linear", 450.0, 5000.0, 3700.0),
+                        row("trl-linear", None, None, None, note="error: x")]}
+    report.derive(results["rows"], results["copy_gbps"])
+    logits_row, unfused, ours = results["rows"][:3]
+    assert logits_row["speedup"] == {} and logits_row["x_floor"] is not None
+    assert "x_floor" not in ours and "gbps" not in ours
+    assert ours["speedup"] == {"unfused": pytest.approx(55 / 60, rel=1e-3), "liger-linear": pytest.approx(7.5)}
+    assert ours["tflops"] == pytest.approx(6 * 8192 * 4096 * 151936 / 60e-3 / 1e12, rel=1e-3)
+    assert ours["peak_vs_unfused"] == pytest.approx(1500 / 6300, rel=1e-3)
+    assert ours["beyond_grad_vs_unfused"] == pytest.approx(190 / 5000, rel=1e-3)
+    assert unfused["peak_vs_unfused"] is None
+    text = report.table(results)
+    assert "fused linear" in text and "x liger-linear" in text and "ours-triton" in text
+    report.write_json(results, tmp_path / "r.json")
+    report.plot(results, tmp_path / "r.png")
+    assert (tmp_path / "r.png").stat().st_size > 10_000
+    assert any("trl-linear at N=8192 V=151936 H=4096" in line for line in report.summarize_errors(results["rows"]))

@@ -31,11 +31,13 @@ TRL's own code, untouched.
 `head` chooses what the model hands to the loss:
 
 - "hidden" (default): the last hidden states (B, T, H) at the completion positions and the
-  output projection; logits are never materialised, as with TRL 1.16's own fused head. Needs
-  grpo_kernels' fused-linear sweep.
+  output projection go to `fused_linear_grpo_loss`; logits are never materialised, as with
+  TRL 1.16's own fused head.
 - "logits": the model's own logits (its forward runs the LM head, including any logit
-  scaling or soft-capping), passed to `fused_grpo_loss` as the view `logits[:, :-1][:, -T:]`
-  (no copy; the temperature is an argument of the sweep, never an in-place division). This
+  scaling or soft-capping) at the T completion positions, passed to `fused_grpo_loss`: the
+  model computes exactly those positions (`logits_to_keep` as a tensor of positions), or, for
+  a model that only takes a count, the view `logits[:, :-1][:, -T:]` (no copy). The
+  temperature is an argument of the sweep, never an in-place division. This
   holds the (B, T, V) logits and their gradient, which TRL 1.16's fused head does not, so it
   costs memory; it exists for models whose head the hidden path cannot reproduce (soft-capping)
   and for comparison. `inplace_backward=True` writes the gradient into the logits' storage;
@@ -90,9 +92,9 @@ Not supported (ValueError when the trainer is built, never a silent change of th
   needs the entropy over the masked tokens, which fused_grpo_loss does not report;
 - a GRPOTrainer subclass that overrides `_compute_loss` (e.g. TRL's experimental GMPO): its
   loss is not this one (patch_grpo_trainer refuses it);
-- head="hidden" with logit soft-capping (Gemma 2/3: use head="logits"), a non-positive logit
-  scale, or DeepSpeed ZeRO-3 (the fused-linear backward reads the LM head weight outside the
-  module's gather hooks; use head="logits");
+- head="hidden" with logit soft-capping (Gemma 2/3), a non-positive logit scale, DeepSpeed
+  ZeRO-3 (the fused-linear backward reads the LM head weight outside the module's gather hooks)
+  or FSDP version 1 (flat parameters): use head="logits" there;
 - GRPOConfig values grpo_kernels rejects (e.g. delta <= 1 + epsilon_high, epsilon >= 1,
   loss_type="vespo" at sequence level).
 
@@ -138,7 +140,9 @@ class _Setup:
 
     head: str
     options: dict[str, Any]  # fused_grpo_loss keywords fixed by the GRPOConfig (temperature per head)
-    logits_to_keep: bool     # whether the model's forward accepts `logits_to_keep` (head="logits")
+    # What the model's forward takes as `logits_to_keep` (head="logits"): "positions" (a tensor of
+    # positions, transformers >= 5), "count" (an int: the last n positions) or "none".
+    logits_to_keep: str
 
 
 def _logit_scale(model: torch.nn.Module) -> float:
@@ -160,13 +164,22 @@ def _lm_module(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def _add_hidden_states_forward(model: torch.nn.Module) -> None:
-    """Let `model(..., grpo_kernels_hidden_states=True)` return the backbone's last hidden states.
+    """Let `model(..., grpo_kernels_hidden_states=True)` return the backbone's last hidden states and
+    the LM head's weight and bias.
 
-    Going through the model's own forward (rather than calling its backbone directly) keeps
-    every wrapper on the way in the loop: DDP's gradient-sync bookkeeping, PEFT, accelerate's
-    autocast. Without the flag the forward is the previous one (TRL's fused head, then the
-    original), so generation is unchanged. Mirrors TRL's add_fused_lm_head, backbone lookup
-    included (`base_model`, transformers >= 5 text models).
+    Going through the model's own forward (rather than calling its backbone directly) keeps every
+    wrapper on the way in the loop: DDP's gradient-sync bookkeeping, PEFT, accelerate's autocast.
+    Without the flag the forward is the previous one (TRL's fused head, then the original), so
+    generation is unchanged. Mirrors TRL's add_fused_lm_head, lookups included (`base_model` for
+    the backbone, transformers >= 5 text models; the head on each call, since FSDP and PEFT may
+    replace it after patching).
+
+    The head is used after the forward returns, so DDP with find_unused_parameters (the Trainer's
+    default without gradient checkpointing, and for PEFT models) would find no path to it from the
+    forward's outputs, mark it ready at once, and fail when its gradient arrives. DDP searches from
+    the outputs' grad_fn, which a parameter lacks, so the forward also returns an empty view of each
+    head parameter: it has a grad_fn leading to the parameter, and costs nothing (DDP clones such
+    outputs; these hold no elements).
     """
     previous = model.forward
 
@@ -176,14 +189,17 @@ def _add_hidden_states_forward(model: torch.nn.Module) -> None:
             return previous(*args, **kwargs)
         kwargs.pop("labels", None)  # PEFT's wrapper passes labels=None along; the backbone takes none
         kwargs["use_cache"] = False
-        return self.base_model(*args, **kwargs).last_hidden_state
+        hidden = self.base_model(*args, **kwargs).last_hidden_state
+        head = self.get_output_embeddings()
+        return hidden, head.weight, head.bias, tuple(p[:0] for p in head.parameters())
 
     model.forward = types.MethodType(forward, model)
 
 
-def _unsupported(trainer: GRPOTrainer, head: str) -> list[str]:
+def _unsupported(trainer: GRPOTrainer, head: str, inplace_backward: bool) -> list[str]:
     """Why the drop-in cannot reproduce this trainer's loss exactly; empty when it can."""
     args = trainer.args
+    softcapping = getattr(trainer.model.config.get_text_config(), "final_logit_softcapping", None)
     problems = []
     if trainer._is_vlm:
         problems.append("vision-language models are not supported (TRL's multimodal inputs are not mapped)")
@@ -197,12 +213,17 @@ def _unsupported(trainer: GRPOTrainer, head: str) -> list[str]:
     if trainer.top_entropy_quantile < 1.0 and trainer.entropy_coef != 0.0:
         problems.append("top_entropy_quantile < 1 together with entropy_coef != 0 is not supported: TRL's "
                         "policy_loss metric needs the entropy over the high-entropy tokens, which is not reported")
+    if inplace_backward and softcapping is not None:
+        problems.append("inplace_backward=True with logit soft-capping: its tanh saves the logits for its backward")
     if head == "hidden":
-        config = trainer.model.config.get_text_config()
-        if getattr(config, "final_logit_softcapping", None) is not None:
+        if softcapping is not None:
             problems.append("logit soft-capping (final_logit_softcapping) needs head='logits'")
         if not _logit_scale(trainer.model) > 0.0:
             problems.append(f"a logit scale of {_logit_scale(trainer.model)} needs head='logits'")
+        fsdp = getattr(trainer.accelerator.state, "fsdp_plugin", None)
+        if fsdp is not None and getattr(fsdp, "fsdp_version", 1) != 2:
+            problems.append("FSDP (version 1) needs head='logits' (its flat parameters are only whole inside "
+                            "the module's forward; FSDP2 is supported)")
         if args.deepspeed_plugin is not None and args.deepspeed_plugin.zero_stage == 3:
             problems.append("DeepSpeed ZeRO-3 needs head='logits' (the fused-linear backward reads the LM head "
                             "weight outside the module's parameter gathering)")
@@ -245,28 +266,26 @@ def _setup(trainer: GRPOTrainer, head: str, kl_ratio: str, backend: str, inplace
         raise ValueError(f"kl_ratio must be one of {', '.join(KL_RATIOS)}; got {kl_ratio!r}")
     if inplace_backward and head != "logits":
         raise ValueError("inplace_backward=True applies to head='logits' (head='hidden' holds no logits)")
-    problems = _unsupported(trainer, head)
+    problems = _unsupported(trainer, head, inplace_backward)
     if problems:
         raise ValueError("grpo_kernels cannot reproduce TRL's GRPO loss for this configuration:\n- "
                          + "\n- ".join(problems))
     options = _config_options(trainer, kl_ratio, backend, inplace_backward)
     if head == "hidden":  # TRL's fused head computes logit_scale * (h W^T + b) / temperature
         options["temperature"] = trainer.temperature / _logit_scale(trainer.model)
-        # Fail now, not at the first step, if the package lacks the fused-linear sweep.
-        for name in ("fused_linear_grpo_loss", "linear_token_logprobs"):
-            _fused_linear(name)
     try:
         GRPOOptions(**options)
     except (TypeError, ValueError) as error:
         raise ValueError(f"grpo_kernels rejects this GRPOConfig: {error}") from error
 
-    accepts_logits_to_keep = "logits_to_keep" in inspect.signature(_lm_module(trainer.model).forward).parameters
+    keep = inspect.signature(_lm_module(trainer.model).forward).parameters.get("logits_to_keep")
+    logits_to_keep = "none" if keep is None else "positions" if "Tensor" in str(keep.annotation) else "count"
     if head == "hidden":
         models = [trainer.model, trainer.ref_model]
         for model in models:
             if model is not None:
                 _add_hidden_states_forward(_lm_module(trainer.accelerator.unwrap_model(model)))
-    trainer._grpo_kernels = _Setup(head=head, options=options, logits_to_keep=accepts_logits_to_keep)
+    trainer._grpo_kernels = _Setup(head=head, options=options, logits_to_keep=logits_to_keep)
 
     if (trainer.importance_sampling_level == "sequence" and trainer.beta != 0.0 and
             trainer.args.use_bias_correction_kl and kl_ratio == "token"):
@@ -274,19 +293,6 @@ def _setup(trainer: GRPOTrainer, head: str, kl_ratio: str, backend: str, inplace
             "grpo_kernels weights the KL term with the per-token ratio under importance_sampling_level='sequence', "
             "where TRL 1.16 uses the sequence ratio (TRL issue 6586: a spurious cross-token gradient). Pass "
             "kl_ratio='sequence' to reproduce TRL exactly.")
-
-
-def _fused_linear(name: str):
-    """grpo_kernels' fused-linear entry points (head="hidden")."""
-    function = getattr(grpo_kernels, name, None)
-    if function is None:
-        try:
-            from grpo_kernels import linear
-        except ImportError as error:
-            raise ValueError("head='hidden' needs grpo_kernels' fused-linear sweep, which this installation "
-                             "lacks; use head='logits'") from error
-        function = getattr(linear, name)
-    return function
 
 
 def _reject_multimodal(fields: dict[str, Any]) -> None:
@@ -300,47 +306,54 @@ class _FusedLoss:
 
     _grpo_kernels: _Setup
 
-    def _completion_activations(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                                logits_to_keep: int) -> torch.Tensor:
-        """The logits (B, K, V) or last hidden states (B, K, H) at the K positions that predict the
-        completion: position j predicts token j + 1, so drop the last position and keep the K before it.
-        Both slices are views."""
-        setup = self._grpo_kernels
+    def _completion_logits(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                           logits_to_keep: int) -> torch.Tensor:
+        """The model's logits (B, K, V) at the K positions that predict the completion (position j
+        predicts token j + 1: the K positions before the last one)."""
+        K, L, keep = logits_to_keep, input_ids.size(1), self._grpo_kernels.logits_to_keep
         with self.accelerator.autocast():
-            if setup.head == "logits":
-                keep = {"logits_to_keep": logits_to_keep + 1} if setup.logits_to_keep else {}
-                out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **keep).logits
-            else:
-                out = model(input_ids=input_ids, attention_mask=attention_mask, **{_HIDDEN_STATES: True})
-        return out[:, :-1][:, -logits_to_keep:]
+            if keep == "positions":
+                # The LM head runs on exactly those K positions: the logits need no slicing, so their
+                # gradient reaches the head as is (a slice's backward would allocate the full tensor).
+                positions = torch.arange(L - K - 1, L - 1, device=input_ids.device)
+                return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                             logits_to_keep=positions).logits
+            count = {"logits_to_keep": K + 1} if keep == "count" else {}
+            logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **count).logits
+        return logits[:, :-1][:, -K:]  # views, no copy
 
-    def _output_projection(self, model, hidden: torch.Tensor):
-        """(hidden, weight, bias) as TRL's fused head multiplies them."""
-        head = _lm_module(self.accelerator.unwrap_model(model)).get_output_embeddings()
-        weight, bias = head.weight, head.bias
-        if isinstance(weight, DTensor):  # FSDP2 shards; TRL gathers the same way
+    def _completion_hidden(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                           logits_to_keep: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The last hidden states (B, K, H) at the K positions that predict the completion, and the LM
+        head's weight and bias, in the dtype TRL's fused head multiplies them in: float32 with
+        cast_lm_head_to_fp32, else the autocast dtype under mixed precision, else the hidden states' own."""
+        with self.accelerator.autocast():
+            hidden, weight, bias, _ = model(input_ids=input_ids, attention_mask=attention_mask,
+                                            **{_HIDDEN_STATES: True})
+            autocast_dtype = torch.get_autocast_dtype(hidden.device.type) \
+                if torch.is_autocast_enabled(hidden.device.type) else None
+        hidden = hidden[:, :-1][:, -logits_to_keep:]
+        if isinstance(weight, DTensor):  # FSDP2 shards the head; TRL gathers it the same way
             weight = weight.full_tensor()
             bias = None if bias is None else bias.full_tensor()
-        if self.args.cast_lm_head_to_fp32:  # the head was cast at construction; TRL runs it in fp32
-            hidden = hidden.float()
-        else:  # what autocast does to the head's matmul; a no-op without mixed precision
-            weight = weight.to(hidden.dtype)
-            bias = None if bias is None else bias.to(hidden.dtype)
-        return hidden, weight, bias
+        dtype = torch.float32 if self.args.cast_lm_head_to_fp32 else autocast_dtype or hidden.dtype
+        # No-ops without mixed precision; with it, part of the graph (gradients reach the float32
+        # master weights). The sweep itself runs outside autocast and accumulates in float32.
+        return hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
 
     def _token_logprobs(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                         logits_to_keep: int) -> tuple[torch.Tensor, torch.Tensor]:
         """log pi(y_t) and the entropy (B, K) of the completion tokens; the sweep yields both at once."""
         setup = self._grpo_kernels
         completion_ids = input_ids[:, -logits_to_keep:]
-        acts = self._completion_activations(model, input_ids, attention_mask, logits_to_keep)
         temperature, backend = setup.options["temperature"], setup.options["backend"]
         if setup.head == "logits":
-            return grpo_kernels.token_logprobs(acts, completion_ids, temperature=temperature,
+            logits = self._completion_logits(model, input_ids, attention_mask, logits_to_keep)
+            return grpo_kernels.token_logprobs(logits, completion_ids, temperature=temperature,
                                                return_entropy=True, backend=backend)
-        hidden, weight, bias = self._output_projection(model, acts)
-        return _fused_linear("linear_token_logprobs")(hidden, weight, completion_ids, temperature=temperature,
-                                                      return_entropy=True, lm_head_bias=bias, backend=backend)
+        hidden, weight, bias = self._completion_hidden(model, input_ids, attention_mask, logits_to_keep)
+        return grpo_kernels.linear_token_logprobs(hidden, weight, completion_ids, temperature=temperature,
+                                                  return_entropy=True, lm_head_bias=bias, backend=backend)
 
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
                                            compute_entropy=False, compute_aux_loss=False, **multimodal):
@@ -395,13 +408,14 @@ class _FusedLoss:
             entropy_coef=entropy_coef,
             **setup.options,
         )
-        acts = self._completion_activations(model, input_ids, attention_mask, completion_ids.size(1))
+        K = completion_ids.size(1)
         if setup.head == "logits":
-            loss, metrics = grpo_kernels.fused_grpo_loss(acts, completion_ids, advantages, **tensors)
+            logits = self._completion_logits(model, input_ids, attention_mask, K)
+            loss, metrics = grpo_kernels.fused_grpo_loss(logits, completion_ids, advantages, **tensors)
         else:
-            hidden, weight, bias = self._output_projection(model, acts)
-            loss, metrics = _fused_linear("fused_linear_grpo_loss")(hidden, weight, completion_ids, advantages,
-                                                                    lm_head_bias=bias, **tensors)
+            hidden, weight, bias = self._completion_hidden(model, input_ids, attention_mask, K)
+            loss, metrics = grpo_kernels.fused_linear_grpo_loss(hidden, weight, completion_ids, advantages,
+                                                                lm_head_bias=bias, **tensors)
         if self._entropy_bonus_enabled:
             # TRL logs the loss before the bonus (and, for grpo-like types, before the accumulation division).
             # Its bonus averages the entropy over `mask`, as metrics["entropy"] does (top_entropy_quantile is 1
@@ -515,7 +529,7 @@ def patch_grpo_trainer(trainer: GRPOTrainer, *, head: str = "hidden", kl_ratio: 
             raise ValueError(f"{type(trainer).__name__} overrides GRPOTrainer.{name}; its loss is not TRL's GRPO "
                              "loss, so grpo_kernels cannot stand in for it")
     _setup(trainer, head, kl_ratio, backend, inplace_backward)
-    for name in ("_completion_activations", "_output_projection", "_token_logprobs",
+    for name in ("_completion_logits", "_completion_hidden", "_token_logprobs",
                  "_get_per_token_logps_and_entropies", "_compute_loss", "_log_loss_metrics"):
         setattr(trainer, name, types.MethodType(getattr(_FusedLoss, name), trainer))
     return trainer

@@ -15,7 +15,7 @@ import torch
 
 from . import linear_torch
 from .ops import resolve_backend
-from .options import GRPOOptions, check_inputs, check_logits
+from .options import GRPOOptions, check_completion_ids, check_inputs, check_logits, check_token_rows
 from .reference import Metrics, grpo_loss_from_logprobs
 
 HIDDEN_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -68,26 +68,11 @@ def check_linear(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
                  completion_ids: torch.Tensor) -> int:
     """Check hidden (B, T, H) or (N, H), lm_head_weight (V, H) and lm_head_bias (V,) against
     each other and completion_ids (B, T); returns V. The ids' range is checked by check_inputs."""
-    for name, t in (("hidden", hidden), ("lm_head_weight", weight), ("lm_head_bias", bias)):
+    for name, t in (("lm_head_weight", weight), ("lm_head_bias", bias)):
         if t is not None and not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if not isinstance(completion_ids, torch.Tensor):
-        raise TypeError(f"completion_ids must be a torch.Tensor, got {type(completion_ids).__name__}")
-    if completion_ids.dim() != 2:
-        raise ValueError(f"completion_ids must have shape (B, T), got {tuple(completion_ids.shape)}")
-    B, T = completion_ids.shape
-    if hidden.dim() == 3:
-        if tuple(hidden.shape[:2]) != (B, T):
-            raise ValueError(f"hidden must have shape (B, T, H) = ({B}, {T}, H) to match completion_ids, "
-                             f"got {tuple(hidden.shape)}")
-    elif hidden.dim() == 2:
-        if hidden.shape[0] != B * T:
-            raise ValueError(f"hidden of shape (N, H) needs N = B * T = {B * T} rows, got {hidden.shape[0]}")
-    else:
-        raise ValueError(f"hidden must have shape (B, T, H) or (N, H), got {tuple(hidden.shape)}")
-    H = hidden.shape[-1]
-    if H < 1:
-        raise ValueError("hidden must have a hidden dimension of at least 1")
+    B, T = check_completion_ids(completion_ids)
+    H = check_token_rows("hidden", hidden, B, T, "H")
     if hidden.dtype not in HIDDEN_DTYPES:
         raise TypeError(f"hidden must be float32, bfloat16, float16 or float64, got {hidden.dtype}")
     if weight.dim() != 2 or weight.shape[1] != H:

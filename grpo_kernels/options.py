@@ -140,36 +140,53 @@ def _check_tensor(name: str, t: torch.Tensor | None, shapes: tuple[tuple[int, ..
         raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
 
 
-def check_logits(logits: torch.Tensor, completion_ids: torch.Tensor, vocab_size: int | None = None) -> Shapes:
-    """Check logits (B, T, V) or (N, V) against completion_ids (B, T); returns (B, T, V).
-
-    With `vocab_size` given (the fused-linear path) there are no logits: only the ids are
-    checked, against that vocabulary.
-    """
+def check_completion_ids(completion_ids: torch.Tensor) -> tuple[int, int]:
+    """completion_ids must be an int32/int64 (B, T) tensor; returns (B, T)."""
     if not isinstance(completion_ids, torch.Tensor):
         raise TypeError(f"completion_ids must be a torch.Tensor, got {type(completion_ids).__name__}")
     if completion_ids.dim() != 2:
         raise ValueError(f"completion_ids must have shape (B, T), got {tuple(completion_ids.shape)}")
     if completion_ids.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"completion_ids must be int32 or int64, got {completion_ids.dtype}")
-    B, T = completion_ids.shape
+    return tuple(completion_ids.shape)
+
+
+def check_token_rows(name: str, t: torch.Tensor, B: int, T: int, last: str) -> int:
+    """t must be (B, T, X) or (N, X) with N = B * T and X >= 1 (X is named `last`); returns X."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() == 3:
+        if tuple(t.shape[:2]) != (B, T):
+            raise ValueError(f"{name} must have shape (B, T, {last}) = ({B}, {T}, {last}) to match completion_ids, "
+                             f"got {tuple(t.shape)}")
+    elif t.dim() == 2:
+        if t.shape[0] != B * T:
+            raise ValueError(f"{name} of shape (N, {last}) needs N = B * T = {B * T} rows, got {t.shape[0]}")
+    else:
+        raise ValueError(f"{name} must have shape (B, T, {last}) or (N, {last}), got {tuple(t.shape)}")
+    if t.shape[-1] < 1:
+        raise ValueError(f"{name} must have a last dimension {last} of at least 1")
+    return t.shape[-1]
+
+
+def check_ids_range(completion_ids: torch.Tensor, V: int) -> None:
+    # One host sync per call: an id outside [0, V) would otherwise be an out-of-bounds read.
+    if completion_ids.numel() > 0 and bool(((completion_ids < 0) | (completion_ids >= V)).any()):
+        lo, hi = int(completion_ids.min()), int(completion_ids.max())
+        raise ValueError(f"completion_ids must lie in [0, V) = [0, {V}); found values in [{lo}, {hi}]")
+
+
+def check_logits(logits: torch.Tensor, completion_ids: torch.Tensor, vocab_size: int | None = None) -> Shapes:
+    """Check logits (B, T, V) or (N, V) against completion_ids (B, T); returns (B, T, V).
+
+    With `vocab_size` given (the fused-linear path) there are no logits: only the ids are
+    checked, against that vocabulary.
+    """
+    B, T = check_completion_ids(completion_ids)
     if vocab_size is None:
-        if not isinstance(logits, torch.Tensor):
-            raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
+        V = check_token_rows("logits", logits, B, T, "V")
         if logits.dtype not in LOGITS_DTYPES:
             raise TypeError(f"logits must be float32, bfloat16 or float16, got {logits.dtype}")
-        if logits.dim() == 3:
-            if tuple(logits.shape[:2]) != (B, T):
-                raise ValueError(f"logits must have shape (B, T, V) = ({B}, {T}, V) to match completion_ids, "
-                                 f"got {tuple(logits.shape)}")
-        elif logits.dim() == 2:
-            if logits.shape[0] != B * T:
-                raise ValueError(f"logits of shape (N, V) need N = B * T = {B * T} rows, got {logits.shape[0]}")
-        else:
-            raise ValueError(f"logits must have shape (B, T, V) or (N, V), got {tuple(logits.shape)}")
-        V = logits.shape[-1]
-        if V < 1:
-            raise ValueError("logits must have a vocabulary dimension of at least 1")
         if logits.stride(-1) != 1 and logits.numel() > 1:
             raise ValueError("logits must be contiguous in the vocabulary dimension (stride(-1) == 1); "
                              "leading dimensions may have any strides")
@@ -177,10 +194,7 @@ def check_logits(logits: torch.Tensor, completion_ids: torch.Tensor, vocab_size:
             raise ValueError(f"completion_ids is on {completion_ids.device} but logits are on {logits.device}")
     else:
         V = vocab_size
-    # One host sync per call: an id outside [0, V) would otherwise be an out-of-bounds read.
-    if completion_ids.numel() > 0 and bool(((completion_ids < 0) | (completion_ids >= V)).any()):
-        lo, hi = int(completion_ids.min()), int(completion_ids.max())
-        raise ValueError(f"completion_ids must lie in [0, V) = [0, {V}); found values in [{lo}, {hi}]")
+    check_ids_range(completion_ids, V)
     return Shapes(B, T, V)
 
 

@@ -18,14 +18,6 @@ from .reference import compute_dtype
 CHUNK_ELEMENTS = 1 << 20
 
 
-def _row_chunks(B: int, T: int, V: int) -> Iterator[tuple[int, slice]]:
-    """(b, t-slice) chunks that cover (B, T) without flattening (which could copy a strided view)."""
-    rows = max(1, CHUNK_ELEMENTS // max(V, 1))
-    for b in range(B):
-        for t0 in range(0, T, rows):
-            yield b, slice(t0, min(t0 + rows, T))
-
-
 def _rows(t: torch.Tensor) -> torch.Tensor:
     """View (B, T, ...) as (1, B*T, ...) when that needs no copy, so chunks span sequences."""
     B, T = t.shape[:2]
@@ -34,13 +26,18 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _stats(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """lse, mean_z = E_p[z] and p for a chunk of scaled logits z (rows, V)."""
-    lse = torch.logsumexp(z, dim=-1, keepdim=True)
-    p = torch.exp(z - lse)
-    # A -inf logit has p = 0 and adds nothing to E_p[z] (not 0 * -inf).
-    mean_z = (p * torch.where(p > 0, z, 0.0)).sum(-1, keepdim=True)
-    return lse, mean_z, p
+def _row_chunks(B: int, T: int, V: int) -> Iterator[tuple[int, slice]]:
+    """(b, t-slice) chunks that cover (B, T) without flattening (which could copy a strided view)."""
+    rows = max(1, CHUNK_ELEMENTS // max(V, 1))
+    for b in range(B):
+        for t0 in range(0, T, rows):
+            yield b, slice(t0, min(t0 + rows, T))
+
+
+def _scaled(chunk: torch.Tensor, dtype: torch.dtype, temperature: float) -> torch.Tensor:
+    """z = logits / temperature for one chunk, as a fresh tensor the caller may overwrite."""
+    z = chunk.to(dtype, copy=True)
+    return z if temperature == 1.0 else z.div_(temperature)
 
 
 def forward(logits: torch.Tensor, ids: torch.Tensor, temperature: float):
@@ -52,37 +49,43 @@ def forward(logits: torch.Tensor, ids: torch.Tensor, temperature: float):
     ids = ids.reshape(B, T)
     logprobs, entropy, lse, mean_z = out.view(4, B, T).unbind(0)
     for b, ts in _row_chunks(B, T, V):
-        z = logits[b, ts].to(dtype) / temperature
-        chunk_lse, chunk_mean_z, _ = _stats(z)
-        z_y = z.gather(-1, ids[b, ts].long().unsqueeze(-1))
-        logprobs[b, ts] = (z_y - chunk_lse).squeeze(-1)
-        entropy[b, ts] = (chunk_lse - chunk_mean_z).squeeze(-1)
-        lse[b, ts] = chunk_lse.squeeze(-1)
-        mean_z[b, ts] = chunk_mean_z.squeeze(-1)
+        z = _scaled(logits[b, ts], dtype, temperature)
+        y = ids[b, ts].long().unsqueeze(-1)
+        z_y = z.gather(-1, y).squeeze(-1)
+        logp = torch.log_softmax(z, dim=-1)
+        logprobs[b, ts] = logp.gather(-1, y).squeeze(-1)
+        lse[b, ts] = z_y - logprobs[b, ts]
+        # entr(p) = -p log p, and 0 at p = 0: a -inf logit adds nothing (not 0 * inf).
+        entropy[b, ts] = torch.special.entr(logp.exp_()).sum(-1)
+    torch.sub(lse, entropy, out=mean_z)
     return out.unbind(0)
 
 
 def backward(logits: torch.Tensor, ids: torch.Tensor, temperature: float, lse: torch.Tensor,
              mean_z: torch.Tensor, grad_logprobs: torch.Tensor | None, grad_entropy: torch.Tensor | None,
              grad_out: torch.Tensor) -> None:
-    """Writes dL/dlogits = (c (onehot - p) + e p (mean_z - z)) / temperature into grad_out."""
+    """Writes dL/dlogits = (c (onehot - p) + e p (mean_z - z)) / temperature into grad_out.
+
+    With log p = z - lse and H = lse - mean_z, the entropy term is -e p (H + log p), so
+    the row needs only log p and p: dz = c onehot - p (c + e (H + log p)).
+    """
     dtype = compute_dtype(logits.dtype)
     rows_logits, rows_grad = _rows(logits), _rows(grad_out)
     if rows_logits.shape[0] == rows_grad.shape[0]:  # both merge, or neither
         logits, grad_out = rows_logits, rows_grad
     B, T, V = logits.shape
     ids, lse, mean_z = ids.reshape(B, T), lse.reshape(B, T), mean_z.reshape(B, T)
-    grad_logprobs = None if grad_logprobs is None else grad_logprobs.reshape(B, T)
-    grad_entropy = None if grad_entropy is None else grad_entropy.reshape(B, T)
+    c_all = torch.zeros_like(lse) if grad_logprobs is None else grad_logprobs.reshape(B, T).to(dtype)
+    e_all = None if grad_entropy is None else grad_entropy.reshape(B, T).to(dtype)
     for b, ts in _row_chunks(B, T, V):
-        z = logits[b, ts].to(dtype) / temperature
-        p = torch.exp(z - lse[b, ts].unsqueeze(-1))
-        grad = torch.zeros_like(z)
-        if grad_logprobs is not None:
-            c = grad_logprobs[b, ts].to(dtype).unsqueeze(-1)
-            grad = -c * p
-            grad.scatter_add_(-1, ids[b, ts].long().unsqueeze(-1), c)
-        if grad_entropy is not None:
-            e = grad_entropy[b, ts].to(dtype).unsqueeze(-1)
-            grad += e * p * torch.where(p > 0, mean_z[b, ts].unsqueeze(-1) - z, 0.0)
-        grad_out[b, ts] = grad / temperature
+        logp = _scaled(logits[b, ts], dtype, temperature).sub_(lse[b, ts].unsqueeze(-1))
+        p = logp.exp()
+        c = c_all[b, ts].unsqueeze(-1)
+        if e_all is None:
+            weight = c
+        else:  # c + e (H + log p); log p clamped so that p = 0 gives 0, not 0 * -inf
+            H = (lse[b, ts] - mean_z[b, ts]).unsqueeze(-1)
+            weight = logp.clamp_(min=torch.finfo(dtype).min).add_(H).mul_(e_all[b, ts].unsqueeze(-1)).add_(c)
+        grad = p.mul_(weight).neg_()
+        grad.scatter_add_(-1, ids[b, ts].long().unsqueeze(-1), c)
+        grad_out[b, ts] = grad if temperature == 1.0 else grad.div_(temperature)

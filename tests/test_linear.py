@@ -355,7 +355,7 @@ def _call(hidden=None, weight=None, ids=None, bias=None, **kw):
     (dict(ids=torch.zeros(2, 3)), TypeError, "completion_ids must be int32 or int64"),
     (dict(hidden=torch.randn(2, 3, 1, 8)), ValueError, "hidden must have shape"),
     (dict(hidden=torch.randn(7, 8)), ValueError, r"N = B \* T = 6"),
-    (dict(hidden=torch.randn(2, 3, 0), weight=torch.randn(11, 0)), ValueError, "hidden dimension of at least 1"),
+    (dict(hidden=torch.randn(2, 3, 0), weight=torch.randn(11, 0)), ValueError, "hidden must have a last dimension H of at least 1"),
     (dict(weight=torch.randn(11, 8, dtype=torch.float64)), TypeError, "lm_head_weight .* must have the dtype of"),
     (dict(hidden=torch.randint(0, 3, (2, 3, 8))), TypeError, "hidden must be float32"),
     (dict(hidden=[1.0]), TypeError, "hidden must be a torch.Tensor"),

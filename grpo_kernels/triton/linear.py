@@ -43,6 +43,7 @@ import triton
 import triton.language as tl
 
 from ..linear_torch import combine_chunk_stats, vocab_chunks
+from .logprobs import online_softmax_step
 
 # The token count varies per batch: never specialised, so a new N reuses the compiled kernel.
 # The chunk bounds that the backward passes (v_begin, chunk_width) are multiples of the vocabulary
@@ -118,17 +119,7 @@ def _linear_fwd_kernel(
         z = _logits_tile(hidden_ptr, weight_ptr, bias_ptr, rows, cols, N, v_end, H,
                          stride_hn, stride_hh, stride_wv, stride_wh, inv_temperature,
                          HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION)
-        # Online statistics relative to the running max (as in the logits sweep).
-        m_new = tl.maximum(m, tl.max(z, axis=1))
-        # exp(-inf - -inf) is NaN: while a row has only seen -inf, shift by 0 instead.
-        shift = tl.where(m_new == -float("inf"), 0.0, m_new)
-        alpha = tl.exp(m - shift)
-        e = tl.exp(z - shift[:, None])
-        # Rebase u from m to m_new: alpha (u + (m - m_new) s); select before multiplying (0 * -inf).
-        u = alpha * (u + tl.where(s > 0.0, m - shift, 0.0) * s) \
-            + tl.sum(e * tl.where(e > 0.0, z - shift[:, None], 0.0), axis=1)
-        s = s * alpha + tl.sum(e, axis=1)
-        m = m_new
+        m, s, u = online_softmax_step(m, s, u, z, 1)
         # The target logit from the very tile the statistics saw, so logprob and p_y agree.
         z_y += tl.sum(tl.where(cols[None, :] == y[:, None], z, 0.0), axis=1)
 

@@ -38,6 +38,26 @@ def _row_offset(row, T, stride_b, stride_t, ROWS_ALIGNED: tl.constexpr):
     return offset
 
 
+@triton.jit
+def online_softmax_step(m, s, u, z, AXIS: tl.constexpr):
+    """Folds the tile z into running softmax statistics, reducing over AXIS; returns (m, s, u).
+
+    Relative to the running max m: s = sum exp(z - m), u = sum exp(z - m) * (z - m).
+    Keeping u relative to m avoids the cancellation of lse - E_p[z] when |z| is large.
+    """
+    m_new = tl.maximum(m, tl.max(z, axis=AXIS))
+    # exp(-inf - -inf) is NaN: while every value so far is -inf, shift by 0 instead.
+    shift = tl.where(m_new == -float("inf"), 0.0, m_new)
+    alpha = tl.exp(m - shift)
+    z_rel = z - tl.expand_dims(shift, AXIS)
+    e = tl.exp(z_rel)
+    # u rebased from m to m_new: alpha * (u + (m - m_new) * s). Select before multiplying:
+    # 0 * -inf would be NaN.
+    u = alpha * (u + tl.where(s > 0.0, m - shift, 0.0) * s) + tl.sum(e * tl.where(e > 0.0, z_rel, 0.0), axis=AXIS)
+    s = s * alpha + tl.sum(e, axis=AXIS)
+    return m_new, s, u
+
+
 @triton.jit(do_not_specialize=_RUNTIME_INTS,
             do_not_specialize_on_alignment=_PER_ROW_POINTERS + ["logprobs_ptr", "entropy_ptr"])
 def _logprobs_fwd_kernel(
@@ -50,25 +70,12 @@ def _logprobs_fwd_kernel(
     row_ptr = logits_ptr + _row_offset(row, T, stride_b, stride_t, ROWS_ALIGNED)
     cols = tl.arange(0, BLOCK_V)
 
-    # Online softmax statistics relative to the running max m:
-    #   s = sum exp(z - m),  u = sum exp(z - m) * (z - m).
-    # Keeping u relative to m avoids the cancellation of lse - E_p[z] when |z| is large.
     m = -float("inf")
     s = 0.0
     u = 0.0
     for start in range(0, V, BLOCK_V):
         z = tl.load(row_ptr + start + cols, mask=start + cols < V, other=-float("inf")).to(tl.float32)
-        z = z * inv_temperature
-        m_new = tl.maximum(m, tl.max(z, axis=0))
-        # exp(-inf - -inf) is NaN: while every value so far is -inf, shift by 0 instead.
-        shift = tl.where(m_new == -float("inf"), 0.0, m_new)
-        alpha = tl.exp(m - shift)
-        e = tl.exp(z - shift)
-        # sum exp(z - m_old)(z - m_old) rebased to m_new: alpha * (u + (m_old - m_new) * s).
-        # Select before multiplying: 0 * -inf would be NaN.
-        u = alpha * (u + tl.where(s > 0.0, m - shift, 0.0) * s) + tl.sum(e * tl.where(e > 0.0, z - shift, 0.0), axis=0)
-        s = s * alpha + tl.sum(e, axis=0)
-        m = m_new
+        m, s, u = online_softmax_step(m, s, u, z * inv_temperature, 0)
 
     lse = m + tl.log(s)
     mean_z = m + u / s

@@ -1,130 +1,263 @@
-"""fused_grpo_loss and token_logprobs: the vocabulary sweep as an autograd.Function, then
-the loss of reference.grpo_loss_from_logprobs over the (B, T) results.
+"""fused_grpo_loss and token_logprobs: the logits sweep as torch.library operators, then the
+loss of loss.py over the per-token results.
 
-The sweep's backward needs only c_t = dL/dlogprob_t and e_t = dL/dentropy_t; autograd
-over the small (B, T) loss graph supplies them, so no loss formula is written twice
+The operators (SPEC section 11) make the sweep opaque to torch.compile, FakeTensor and
+torch.export, which see only their fake (shape) functions: a new T never recompiles, and
+alignment and block choices are made inside, at run time.
+
+  grpo_kernels::logits_sweep            logits rows -> logprobs, entropy, m, log_sum, mean_rel (N,)
+  grpo_kernels::logits_sweep_backward   -> dL/dlogits, a new tensor
+  grpo_kernels::logits_sweep_backward_  -> dL/dlogits written into the logits (inplace_backward)
+
+The backward needs only c_t = dL/dlogprob_t and e_t = dL/dentropy_t; autograd over the
+small per-token loss graph supplies them, so no loss formula is written twice
 (docs/design.md).
 """
 from __future__ import annotations
 
-import os
-from types import ModuleType
+from typing import Optional
 
 import torch
 
-from . import torch_path
-from .options import GRPOOptions, check_inputs, check_logits
-from .reference import Metrics, grpo_loss_from_logprobs
+from .layout import Tokens, build_tokens
+from .loss import Metrics, objective
+from .options import GRPOOptions, check_bool, check_temperature
+from .sweep import backend_module, require, resolve_backend
+
+Tensor = torch.Tensor
 
 
-def resolve_backend(name: str, device: torch.device) -> str:
-    """'auto' made concrete (Triton on CUDA, chunked PyTorch elsewhere), with a clear error
-    where the backend asked for cannot run on `device`."""
-    if name == "auto":
-        return "triton" if device.type == "cuda" else "torch"
-    if name == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise RuntimeError(f"backend='triton' needs CUDA tensors (got {device}); on the CPU it runs only "
-                           "under Triton's interpreter (TRITON_INTERPRET=1 set before importing triton). "
-                           "Use backend='torch' or 'auto' for CPU tensors.")
-    if name not in ("torch", "triton", "cuda"):
-        raise ValueError(f"backend must be one of auto, triton, torch, cuda; got {name!r}")
-    return name
+def _stats_dtype(logits: Tensor, backend: str) -> torch.dtype:
+    # Only the PyTorch path runs float64 logits in float64 (the oracle's precision).
+    return torch.promote_types(logits.dtype, torch.float32) if backend == "torch" else torch.float32
 
 
-def sweep_backend(name: str, device: torch.device) -> ModuleType:
-    """The module implementing the vocabulary sweep for `backend` on `device`."""
-    name = resolve_backend(name, device)
-    if name == "torch":
-        return torch_path
-    if name == "triton":
-        from .triton import logprobs as triton_logprobs
-
-        return triton_logprobs
-    from . import cuda
-
-    cuda.require(device)
-    return cuda
+@torch.library.custom_op("grpo_kernels::logits_sweep", mutates_args=())
+def logits_sweep(logits: Tensor, ids: Tensor, temperature: float, temperature_rows: Optional[Tensor],
+                 active: Optional[Tensor], vocab_start: int, partial: bool, backend: str, inplace: bool
+                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The backend's forward sweep over rows of logits (B, T, V). Returns five (N,) tensors:
+    logprobs, entropy, m, log_sum, mean_rel; with partial (a vocab-parallel shard) m, s, u,
+    z_y and an empty fifth. `inplace` is read by the backward only."""
+    outs = backend_module(backend).forward(logits, ids, temperature if temperature_rows is None else temperature_rows,
+                                           active, vocab_start, partial)
+    return (*outs, outs[0].new_empty(0)) if partial else tuple(outs)
 
 
-class TokenLogprobs(torch.autograd.Function):
-    """logits (B, T, V) -> (logprobs, entropy), each (B, T), by a backend's vocabulary sweep.
-
-    Saves two numbers per token (lse, E_p[z]); the backward reads the logits once and
-    writes the gradient once, into the logits' own storage when `inplace` is set.
-    """
-
-    @staticmethod
-    def forward(ctx, logits, ids, temperature, backend, inplace):
-        logprobs, entropy, lse, mean_z = backend.forward(logits, ids, temperature)
-        ctx.save_for_backward(logits, ids, lse, mean_z)
-        ctx.temperature, ctx.backend, ctx.inplace = temperature, backend, inplace
-        ctx.set_materialize_grads(False)
-        return logprobs, entropy
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_logprobs, grad_entropy):
-        logits, ids, lse, mean_z = ctx.saved_tensors
-        if grad_logprobs is None and grad_entropy is None:
-            return None, None, None, None, None
-        grad = logits if ctx.inplace else torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-        ctx.backend.backward(logits, ids, ctx.temperature, lse, mean_z, grad_logprobs, grad_entropy, grad)
-        return grad, None, None, None, None
+@logits_sweep.register_fake
+def _(logits, ids, temperature, temperature_rows, active, vocab_start, partial, backend, inplace):
+    n = logits.shape[0] * logits.shape[1]
+    dtype = _stats_dtype(logits, backend)
+    outs = [logits.new_empty(n, dtype=dtype) for _ in range(4 if partial else 5)]
+    return (*outs, logits.new_empty(0, dtype=dtype)) if partial else tuple(outs)
 
 
-def _sweep(logits: torch.Tensor, completion_ids: torch.Tensor, temperature: float, backend: str,
-           inplace: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    B, T = completion_ids.shape
-    logits = logits if logits.dim() == 3 else logits.unflatten(0, (B, T))  # a view, never a copy
-    return TokenLogprobs.apply(logits, completion_ids, float(temperature),
-                               sweep_backend(backend, logits.device), inplace)
+def _backward_args(logits, ids, temperature, temperature_rows, active, m, log_sum, mean_rel, grad_logprobs,
+                   grad_entropy):
+    return (logits, ids, temperature if temperature_rows is None else temperature_rows, active, m, log_sum, mean_rel,
+            grad_logprobs, grad_entropy)
+
+
+@torch.library.custom_op("grpo_kernels::logits_sweep_backward", mutates_args=())
+def logits_sweep_backward(logits: Tensor, ids: Tensor, temperature: float, temperature_rows: Optional[Tensor],
+                          active: Optional[Tensor], m: Tensor, log_sum: Tensor, mean_rel: Tensor,
+                          grad_logprobs: Optional[Tensor], grad_entropy: Optional[Tensor], vocab_start: int,
+                          backend: str) -> Tensor:
+    """dL/dlogits (B, T, V) in the logits' dtype, from the forward's m, log_sum, mean_rel and
+    the upstream gradients of logprobs and entropy (None: that term is 0)."""
+    grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    backend_module(backend).backward(*_backward_args(logits, ids, temperature, temperature_rows, active, m, log_sum,
+                                                     mean_rel, grad_logprobs, grad_entropy), grad, vocab_start)
+    return grad
+
+
+@logits_sweep_backward.register_fake
+def _(logits, ids, temperature, temperature_rows, active, m, log_sum, mean_rel, grad_logprobs, grad_entropy,
+      vocab_start, backend):
+    return logits.new_empty(logits.shape)
+
+
+@torch.library.custom_op("grpo_kernels::logits_sweep_backward_", mutates_args=("logits",))
+def logits_sweep_backward_(logits: Tensor, ids: Tensor, temperature: float, temperature_rows: Optional[Tensor],
+                           active: Optional[Tensor], m: Tensor, log_sum: Tensor, mean_rel: Tensor,
+                           grad_logprobs: Optional[Tensor], grad_entropy: Optional[Tensor], vocab_start: int,
+                           backend: str) -> None:
+    """logits_sweep_backward written into the logits' own storage. As a declared mutation it
+    bumps their autograd version: a later use of the overwritten values raises."""
+    backend_module(backend).backward(*_backward_args(logits, ids, temperature, temperature_rows, active, m, log_sum,
+                                                     mean_rel, grad_logprobs, grad_entropy), logits, vocab_start)
+
+
+@logits_sweep_backward_.register_fake
+def _(logits, ids, temperature, temperature_rows, active, m, log_sum, mean_rel, grad_logprobs, grad_entropy,
+      vocab_start, backend):
+    return None
+
+
+def sweep_backward(logits, ids, temperature, temperature_rows, active, m, log_sum, mean_rel, grad_logprobs,
+                   grad_entropy, vocab_start, backend, inplace) -> Tensor:
+    """The gradient of the logits, written into them with `inplace`."""
+    args = (logits, ids, temperature, temperature_rows, active, m, log_sum, mean_rel, grad_logprobs, grad_entropy,
+            vocab_start, backend)
+    if inplace:
+        torch.ops.grpo_kernels.logits_sweep_backward_(*args)
+        return logits
+    return torch.ops.grpo_kernels.logits_sweep_backward(*args)
+
+
+def _setup_context(ctx, inputs, output):
+    logits, ids, temperature, temperature_rows, active, vocab_start, partial, backend, inplace = inputs
+    _, _, m, log_sum, mean_rel = output
+    ctx.save_for_backward(logits, ids, temperature_rows, active, m, log_sum, mean_rel)
+    ctx.temperature, ctx.vocab_start, ctx.backend, ctx.inplace = temperature, vocab_start, backend, inplace
+    ctx.set_materialize_grads(False)
+    ctx.mark_non_differentiable(m, log_sum, mean_rel)
+
+
+def _backward(ctx, grad_logprobs, grad_entropy, *_):
+    if grad_logprobs is None and grad_entropy is None:
+        return (None,) * 9
+    logits, ids, temperature_rows, active, m, log_sum, mean_rel = ctx.saved_tensors
+    grad = sweep_backward(logits, ids, ctx.temperature, temperature_rows, active, m, log_sum, mean_rel,
+                          grad_logprobs, grad_entropy, ctx.vocab_start, ctx.backend, ctx.inplace)
+    return (grad,) + (None,) * 8
+
+
+logits_sweep.register_autograd(_backward, setup_context=_setup_context)
+
+
+def rows_overlap(rows: Tensor) -> bool:
+    """Whether two rows of a (B, T, V) view share memory (expanded or overlapping strides)."""
+    extent = rows.shape[-1]
+    for stride, size in sorted((rows.stride(i), rows.shape[i]) for i in range(rows.dim() - 1) if rows.shape[i] > 1):
+        if stride < extent:
+            return True
+        extent += stride * (size - 1)
+    return False
+
+
+def refuse_dtensor(**tensors) -> None:
+    """DTensor inputs (FSDP2 / TP) are refused up front, with what to pass instead."""
+    for name, t in tensors.items():
+        if type(t).__name__ == "DTensor":
+            raise TypeError(f"{name} is a DTensor; pass a plain tensor: its local shard (t.to_local()) with "
+                            "tp_group=<the group it is sharded over> when it is split over the vocabulary, "
+                            "or t.full_tensor() when it is replicated")
+
+
+def sweep(logits: Tensor, tokens: Tokens, backend: str, inplace: bool, tp_group=None, vocab_start: int = 0
+          ) -> tuple[Tensor, Tensor]:
+    """logprobs and entropy (N,) of the rows of logits that tokens.layout describes."""
+    rows = tokens.layout.logits_rows(logits)
+    if inplace and rows_overlap(rows):
+        raise ValueError("inplace_backward=True needs logits whose rows do not overlap in memory (these are "
+                         "expanded or have overlapping strides): writing the gradient into them would mix rows. "
+                         "Pass a materialised tensor or inplace_backward=False.")
+    temperature = tokens.temperature
+    t_scalar, t_rows = (1.0, temperature) if isinstance(temperature, Tensor) else (float(temperature), None)
+    ids = tokens.ids if tokens.ids.is_contiguous() else tokens.ids.contiguous()
+    if tp_group is not None:
+        from .distributed import vocab_parallel_sweep
+
+        return vocab_parallel_sweep(rows, ids, t_scalar, t_rows, tokens.active, vocab_start, backend, inplace,
+                                    tp_group)
+    logprobs, entropy, *_ = torch.ops.grpo_kernels.logits_sweep(rows, ids, t_scalar, t_rows, tokens.active, 0,
+                                                                False, backend, inplace)
+    return logprobs, entropy
+
+
+def _vocab(logits: Tensor, tp_group, vocab_start: int | None) -> tuple[int, int]:
+    """(vocab_start, global V) of these logits: (0, V) without tensor parallelism."""
+    V = logits.shape[-1] if isinstance(logits, Tensor) and logits.dim() >= 1 else 0
+    if tp_group is None:
+        if vocab_start not in (None, 0):
+            raise ValueError("vocab_start is for a vocab-parallel shard: pass tp_group too")
+        return 0, V
+    from .distributed import shard_bounds
+
+    return shard_bounds(V, vocab_start, tp_group, logits.device)
 
 
 def token_logprobs(
-    logits: torch.Tensor,
-    completion_ids: torch.Tensor,
-    temperature: float = 1.0,
+    logits: Tensor,
+    completion_ids: Tensor,
+    temperature: float | Tensor = 1.0,
     return_entropy: bool = False,
+    mask: Tensor | None = None,
+    cu_seqlens: Tensor | None = None,
+    *,
     backend: str = "auto",
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """log pi(y_t) (B, T) in fp32 (and the entropy (B, T) with return_entropy), in one sweep.
+    tp_group=None,
+    vocab_start: int | None = None,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """log pi(y_t) in fp32, shaped like completion_ids (and the entropy with return_entropy), in one sweep.
 
-    For the old- and reference-policy passes under torch.no_grad(); differentiable too.
+    logits (B, T, V) / (N, V) padded, or (N, V) / (1, N, V) packed with ids (N,); a row whose
+    `mask` is 0 is never read and gives 0. `temperature` is a float or one per token. For the
+    old- and reference-policy passes under torch.no_grad(); differentiable too.
     """
-    GRPOOptions(temperature=temperature, backend=backend)  # validates both
-    check_logits(logits, completion_ids)
-    logprobs, entropy = _sweep(logits, completion_ids, temperature, backend, inplace=False)
+    check_temperature(temperature)
+    check_bool("return_entropy", return_entropy)
+    refuse_dtensor(logits=logits)
+    ids = completion_ids
+    if isinstance(ids, Tensor) and ids.dim() == 1 and cu_seqlens is None:  # packed rows, no sequences needed
+        ids = ids.unsqueeze(0)
+        mask = None if mask is None else mask.unsqueeze(0)
+        temperature = temperature.unsqueeze(0) if isinstance(temperature, Tensor) else temperature
+        logits = logits.squeeze(0) if isinstance(logits, Tensor) and logits.dim() == 3 else logits
+    o = GRPOOptions(temperature=temperature, backend=backend)
+    start, V = _vocab(logits, tp_group, vocab_start)
+    tokens = build_tokens(ids, None, mask, None, None, None, None, cu_seqlens, o, logits=logits, vocab_size=V,
+                          needs_advantages=False)
+    name = resolve_backend(o.backend, logits.device)
+    require(name, logits.device)
+    logprobs, entropy = sweep(logits, tokens, name, False, tp_group, start)
+    if tokens.invalid is not None:
+        logprobs = torch.where(tokens.invalid, float("nan"), logprobs)
+    logprobs, entropy = logprobs.view(completion_ids.shape), entropy.view(completion_ids.shape)
     return (logprobs, entropy) if return_entropy else logprobs
 
 
 def fused_grpo_loss(
-    logits: torch.Tensor,
-    completion_ids: torch.Tensor,
-    advantages: torch.Tensor,
-    completion_mask: torch.Tensor | None = None,
-    old_logprobs: torch.Tensor | None = None,
-    ref_logprobs: torch.Tensor | None = None,
+    logits: Tensor,
+    completion_ids: Tensor,
+    advantages: Tensor,
+    completion_mask: Tensor | None = None,
+    old_logprobs: Tensor | None = None,
+    ref_logprobs: Tensor | None = None,
     *,
-    rollout_is_ratio: torch.Tensor | None = None,
-    sampling_logprobs: torch.Tensor | None = None,
+    rollout_is_ratio: Tensor | None = None,
+    sampling_logprobs: Tensor | None = None,
+    cu_seqlens: Tensor | None = None,
+    tp_group=None,
+    vocab_start: int | None = None,
     **options,
-) -> tuple[torch.Tensor, Metrics]:
-    """The GRPO-family loss over logits (B, T, V) or (N, V), and its metrics.
+) -> tuple[Tensor, Metrics]:
+    """The GRPO-family loss over logits, and its metrics.
 
-    Keywords are those of `GRPOOptions` (SPEC section 1): loss_type, beta, epsilon_low,
-    epsilon_high, delta, temperature, importance_sampling_level, use_bias_correction_kl,
-    kl_estimator, kl_ratio, max_completion_length, num_items_in_batch, sapo_temperature_*,
-    vespo_*, dual_clip, entropy_coef, top_entropy_quantile, off_policy_mask_threshold,
-    inplace_backward, backend. `sampling_logprobs` (B, T) are the sampler's log-probs for
-    the off-policy mask (default: old_logprobs), as TRL uses with vLLM.
+    Layouts (SPEC sections 1 and 8): padded logits (B, T, V) or (N, V) with per-token tensors
+    (B, T); packed logits (N, V) or (1, N, V) with per-token tensors (N,) and `cu_seqlens`
+    (S + 1,). Rows whose completion_mask is 0 are never read. Vocab-parallel (section 9):
+    `tp_group` with this rank's shard of the columns (global ids; `vocab_start` defaults to
+    rank * V_local).
+
+    Keywords are those of `GRPOOptions`: loss_type, beta, epsilon_low, epsilon_high, delta,
+    temperature (a float or one per token), importance_sampling_level, use_bias_correction_kl,
+    kl_estimator, kl_ratio, max_completion_length, num_items_in_batch, num_sequences_in_batch,
+    sapo_temperature_*, vespo_*, dual_clip, entropy_coef, top_entropy_quantile,
+    off_policy_mask_threshold, inplace_backward, backend. `sampling_logprobs` are the
+    sampler's log-probs for the off-policy mask (default: old_logprobs), as TRL uses with vLLM.
 
     Returns the 0-dim loss, which carries the gradient to `logits`, and detached metrics:
     kl, entropy, clip_ratio_low/high/region (masked means; None where they do not apply)
-    and the per-token `logprobs` (B, T).
+    and the per-token `logprobs` (shaped like completion_ids, the caller's to modify).
     """
     o = GRPOOptions(**options)
-    check_inputs(logits, completion_ids, advantages, completion_mask, old_logprobs, ref_logprobs,
-                 rollout_is_ratio, sampling_logprobs, o)
-    logprobs, entropy = _sweep(logits, completion_ids, o.temperature, o.backend, o.inplace_backward)
-    return grpo_loss_from_logprobs(logprobs, entropy, advantages, completion_mask, old_logprobs, ref_logprobs,
-                                   rollout_is_ratio, sampling_logprobs, o)
+    refuse_dtensor(logits=logits, advantages=advantages)
+    start, V = _vocab(logits, tp_group, vocab_start)
+    tokens = build_tokens(completion_ids, advantages, completion_mask, old_logprobs, ref_logprobs, rollout_is_ratio,
+                          sampling_logprobs, cu_seqlens, o, logits=logits, vocab_size=V)
+    name = resolve_backend(o.backend, logits.device)
+    require(name, logits.device)
+    logprobs, entropy = sweep(logits, tokens, name, o.inplace_backward, tp_group, start)
+    return objective(logprobs, entropy, tokens, o)

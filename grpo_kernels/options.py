@@ -28,6 +28,43 @@ def _finite(name: str, value: float) -> float:
     return float(value)
 
 
+def check_bool(name: str, value: object) -> bool:
+    """Only True or False: a string such as "false" is truthy and would switch the option on."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+    return value
+
+
+def check_temperature(temperature: object) -> None:
+    """A positive float whose inverse is finite in fp32 (the sweeps multiply by 1/temperature),
+    or a tensor of per-token temperatures (checked against the layout in layout.py)."""
+    if isinstance(temperature, torch.Tensor):
+        if not temperature.is_floating_point():
+            raise TypeError(f"temperature must be a float or a floating-point tensor, got {temperature.dtype}")
+        return
+    if not _finite("temperature", temperature) > 0.0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if not 1.0 / temperature <= torch.finfo(torch.float32).max:
+        raise ValueError(f"temperature must be at least {1 / torch.finfo(torch.float32).max:.3g}, so that "
+                         f"1 / temperature is finite in float32; got {temperature}")
+
+
+def _divisor(name: str, n: object) -> None:
+    """num_items_in_batch / num_sequences_in_batch: a number >= 0, or a one-element tensor that
+    stays on its device (checked only where that needs no wait for it: eager CPU)."""
+    if n is None:
+        return
+    if isinstance(n, torch.Tensor):
+        if n.numel() != 1:
+            raise ValueError(f"{name} must be a scalar, got shape {tuple(n.shape)}")
+        if n.device.type == "cpu" and not torch.compiler.is_compiling():
+            n = float(n)
+        else:
+            return
+    if _finite(name, n) < 0:
+        raise ValueError(f"{name} must be >= 0, got {n}")
+
+
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> str:
     if value not in allowed:
         raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
@@ -56,6 +93,7 @@ class GRPOOptions:
     kl_ratio: str = "token"
     max_completion_length: int | None = None
     num_items_in_batch: float | torch.Tensor | None = None
+    num_sequences_in_batch: float | torch.Tensor | None = None
     sapo_temperature_pos: float = 1.0
     sapo_temperature_neg: float = 1.05
     vespo_k_pos: float = 2.0
@@ -82,8 +120,9 @@ class GRPOOptions:
             raise ValueError(f"epsilon_high must be >= 0, got {self.epsilon_high}")
         if self.delta is not None and not _finite("delta", self.delta) > 1.0 + self.eps_high:
             raise ValueError(f"delta must be > 1 + epsilon_high = {1.0 + self.eps_high}, got {self.delta}")
-        if not _finite("temperature", self.temperature) > 0.0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        check_temperature(self.temperature)
+        check_bool("use_bias_correction_kl", self.use_bias_correction_kl)
+        check_bool("inplace_backward", self.inplace_backward)
         for name in ("sapo_temperature_pos", "sapo_temperature_neg"):
             if not _finite(name, getattr(self, name)) > 0.0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
@@ -101,14 +140,8 @@ class GRPOOptions:
             or self.max_completion_length <= 0
         ):
             raise ValueError(f"max_completion_length must be a positive int, got {self.max_completion_length!r}")
-        if self.num_items_in_batch is not None:
-            n = self.num_items_in_batch
-            if isinstance(n, torch.Tensor):
-                if n.numel() != 1 or n.is_floating_point() and not bool(torch.isfinite(n).all()):
-                    raise ValueError("num_items_in_batch must be a finite scalar")
-                n = float(n)
-            if _finite("num_items_in_batch", n) < 0:
-                raise ValueError(f"num_items_in_batch must be >= 0, got {n}")
+        _divisor("num_items_in_batch", self.num_items_in_batch)
+        _divisor("num_sequences_in_batch", self.num_sequences_in_batch)
         if self.loss_type == "vespo" and self.importance_sampling_level != "token":
             raise ValueError("loss_type='vespo' computes its own sequence weight; use importance_sampling_level='token'")
 
@@ -117,15 +150,9 @@ class GRPOOptions:
         return self.epsilon_low if self.epsilon_high is None else self.epsilon_high
 
 
-@dataclass(frozen=True)
-class Shapes:
-    B: int
-    T: int
-    V: int
-
-
-def _check_tensor(name: str, t: torch.Tensor | None, shapes: tuple[tuple[int, ...], ...], device: torch.device,
-                  floating: bool = True) -> None:
+def check_tensor(name: str, t: torch.Tensor | None, shapes: tuple[tuple[int, ...], ...], device: torch.device,
+                 floating: bool = True) -> None:
+    """t is None, or a tensor of one of `shapes` on `device` (floating-point unless told otherwise)."""
     if t is None:
         return
     if not isinstance(t, torch.Tensor):
@@ -138,95 +165,3 @@ def _check_tensor(name: str, t: torch.Tensor | None, shapes: tuple[tuple[int, ..
                          "all tensors must share a device")
     if floating and not t.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
-
-
-def check_completion_ids(completion_ids: torch.Tensor) -> tuple[int, int]:
-    """completion_ids must be an int32/int64 (B, T) tensor; returns (B, T)."""
-    if not isinstance(completion_ids, torch.Tensor):
-        raise TypeError(f"completion_ids must be a torch.Tensor, got {type(completion_ids).__name__}")
-    if completion_ids.dim() != 2:
-        raise ValueError(f"completion_ids must have shape (B, T), got {tuple(completion_ids.shape)}")
-    if completion_ids.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"completion_ids must be int32 or int64, got {completion_ids.dtype}")
-    return tuple(completion_ids.shape)
-
-
-def check_token_rows(name: str, t: torch.Tensor, B: int, T: int, last: str) -> int:
-    """t must be (B, T, X) or (N, X) with N = B * T and X >= 1 (X is named `last`); returns X."""
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dim() == 3:
-        if tuple(t.shape[:2]) != (B, T):
-            raise ValueError(f"{name} must have shape (B, T, {last}) = ({B}, {T}, {last}) to match completion_ids, "
-                             f"got {tuple(t.shape)}")
-    elif t.dim() == 2:
-        if t.shape[0] != B * T:
-            raise ValueError(f"{name} of shape (N, {last}) needs N = B * T = {B * T} rows, got {t.shape[0]}")
-    else:
-        raise ValueError(f"{name} must have shape (B, T, {last}) or (N, {last}), got {tuple(t.shape)}")
-    if t.shape[-1] < 1:
-        raise ValueError(f"{name} must have a last dimension {last} of at least 1")
-    return t.shape[-1]
-
-
-def check_ids_range(completion_ids: torch.Tensor, V: int) -> None:
-    # One host sync per call: an id outside [0, V) would otherwise be an out-of-bounds read.
-    if completion_ids.numel() > 0 and bool(((completion_ids < 0) | (completion_ids >= V)).any()):
-        lo, hi = int(completion_ids.min()), int(completion_ids.max())
-        raise ValueError(f"completion_ids must lie in [0, V) = [0, {V}); found values in [{lo}, {hi}]")
-
-
-def check_logits(logits: torch.Tensor, completion_ids: torch.Tensor, vocab_size: int | None = None) -> Shapes:
-    """Check logits (B, T, V) or (N, V) against completion_ids (B, T); returns (B, T, V).
-
-    With `vocab_size` given (the fused-linear path) there are no logits: only the ids are
-    checked, against that vocabulary.
-    """
-    B, T = check_completion_ids(completion_ids)
-    if vocab_size is None:
-        V = check_token_rows("logits", logits, B, T, "V")
-        if logits.dtype not in LOGITS_DTYPES:
-            raise TypeError(f"logits must be float32, bfloat16 or float16, got {logits.dtype}")
-        if logits.stride(-1) != 1 and logits.numel() > 1:
-            raise ValueError("logits must be contiguous in the vocabulary dimension (stride(-1) == 1); "
-                             "leading dimensions may have any strides")
-        if completion_ids.device != logits.device:
-            raise ValueError(f"completion_ids is on {completion_ids.device} but logits are on {logits.device}")
-    else:
-        V = vocab_size
-    check_ids_range(completion_ids, V)
-    return Shapes(B, T, V)
-
-
-def check_inputs(
-    logits: torch.Tensor,
-    completion_ids: torch.Tensor,
-    advantages: torch.Tensor,
-    completion_mask: torch.Tensor | None,
-    old_logprobs: torch.Tensor | None,
-    ref_logprobs: torch.Tensor | None,
-    rollout_is_ratio: torch.Tensor | None,
-    sampling_logprobs: torch.Tensor | None,
-    options: GRPOOptions,
-    vocab_size: int | None = None,
-) -> Shapes:
-    """Check every tensor argument against SPEC section 1; returns (B, T, V).
-
-    With `vocab_size` given (the fused-linear path) `logits` is not inspected: the caller
-    checks the hidden states and weight.
-    """
-    shapes = check_logits(logits, completion_ids, vocab_size)
-    B, T, device = shapes.B, shapes.T, completion_ids.device
-    if advantages is None:
-        raise ValueError("advantages is required, shape (B,) or (B, T)")
-    _check_tensor("advantages", advantages, ((B,), (B, 1), (B, T)), device)
-    _check_tensor("completion_mask", completion_mask, ((B, T),), device, floating=False)
-    _check_tensor("old_logprobs", old_logprobs, ((B, T),), device)
-    _check_tensor("ref_logprobs", ref_logprobs, ((B, T),), device)
-    _check_tensor("sampling_logprobs", sampling_logprobs, ((B, T),), device)
-    _check_tensor("rollout_is_ratio", rollout_is_ratio, ((B, T), (B, 1)), device)
-    if options.beta != 0.0 and ref_logprobs is None:
-        raise ValueError("ref_logprobs (B, T) is required when beta != 0")
-    if options.loss_type == "vespo" and rollout_is_ratio is not None and rollout_is_ratio.shape != (B, T):
-        raise ValueError("rollout_is_ratio must be per token, shape (B, T), with loss_type='vespo'")
-    return shapes

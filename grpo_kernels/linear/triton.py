@@ -6,12 +6,13 @@ With z = (hidden @ weight.T + bias) / temperature, p = softmax(z), y = ids:
   forward   `_linear_fwd_kernel`, one program per (token tile, vocabulary chunk): computes
             the logits tiles of its chunk on the tensor cores (fp32 accumulation) and folds
             them into online softmax statistics per row (max m, sum exp(z - m), sum
-            exp(z - m)(z - m), target logit). `combine_chunk_stats` merges the chunks, in
-            a fixed order, into logprobs = z_y - lse, entropy = lse - E_p[z], lse, mean_z.
+            exp(z - m)(z - m), target logit). `merge_chunks` merges the chunks in a fixed
+            order and stats.finish gives the five numbers of the sweep contract
+            (logprobs = (z_y - m) - log_sum, entropy, m, log_sum, mean_rel; docs/design.md).
 
   backward  the vocabulary is swept in chunks of `vocab_chunk` columns, three kernels each:
             `_linear_dz_kernel`           recomputes the chunk's logits tile by tile and writes
-                                          dz = (c (onehot(y) - p) + e p (mean_z - z)) / T into a
+                                          dz = (c (onehot(y) - p) + e p (mean_rel - (z - m))) / T into a
                                           (N, vocab_chunk) scratch (+ fp32 column sums for the bias);
             `_linear_grad_hidden_kernel`  grad_hidden += dz @ W[chunk], into ONE fp32 running sum
                                           across all chunks (written in the input dtype after the last);
@@ -42,14 +43,33 @@ import torch
 import triton
 import triton.language as tl
 
-from ..linear_torch import combine_chunk_stats, vocab_chunks
-from .logprobs import online_softmax_step
+from ..stats import finish
+from ..sweep.triton import online_softmax_step
+from .pytorch import merge_chunks, vocab_chunks
 
 # The token count varies per batch: never specialised, so a new N reuses the compiled kernel.
 # The chunk bounds that the backward passes (v_begin, chunk_width) are multiples of the vocabulary
 # tile, so they always specialise the same way ("divisible by 16") and keep the loads and
 # stores of dz vectorised; V and H are fixed per model.
-_RUNTIME_INTS = ["N"]
+_RUNTIME_INTS = ["N", "vocab_start"]
+_PER_ROW_POINTERS = ["ids_ptr", "active_ptr", "temperature_ptr"]
+
+
+@triton.jit
+def _tile_rows(rows, N, active_ptr, temperature_ptr, inv_temperature,
+               HAS_ACTIVE: tl.constexpr, PER_ROW_TEMPERATURE: tl.constexpr):
+    """(row_ok, inv_t) of a token tile: rows < N and active (an inactive row is read as zeros and
+    adds nothing), and 1 / temperature as a scalar or per row (BLOCK_N, 1), NaN where a per-row
+    temperature is <= 0 or not finite."""
+    row_ok = rows < N
+    if HAS_ACTIVE:
+        row_ok = row_ok & (tl.load(active_ptr + rows, mask=rows < N, other=0) != 0)
+    if PER_ROW_TEMPERATURE:
+        t = tl.load(temperature_ptr + rows, mask=rows < N, other=1.0)
+        inv_t = tl.where((t > 0.0) & (t < float("inf")), 1.0 / t, float("nan"))[:, None]
+    else:
+        inv_t = inv_temperature
+    return row_ok, inv_t
 
 
 @triton.jit
@@ -66,15 +86,14 @@ def _tile_coords(pid, num_m, num_n, GROUP_M: tl.constexpr):
 
 @triton.jit
 def _logits_tile(
-    hidden_ptr, weight_ptr, bias_ptr, rows, cols, N, V, H,
-    stride_hn, stride_hh, stride_wv, stride_wh, inv_temperature,
+    hidden_ptr, weight_ptr, bias_ptr, rows, row_ok, cols, V, H,
+    stride_hn, stride_hh, stride_wv, stride_wh, inv_t,
     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """z = (hidden[rows] @ weight[cols].T + bias[cols]) * inv_temperature, a (BLOCK_N, BLOCK_V)
-    fp32 tile. Columns >= V are -inf, so they drop out of every softmax sum; rows >= N read
-    zeros and are never stored."""
-    row_ok = rows < N
+    """z = (hidden[rows] @ weight[cols].T + bias[cols]) * inv_t, a (BLOCK_N, BLOCK_V) fp32 tile.
+    Columns >= V are -inf, so they drop out of every softmax sum; rows not row_ok (past N, or
+    inactive) read zeros and their results are never used."""
     col_ok = cols < V
     ks = tl.arange(0, BLOCK_H)
     h_ptrs = hidden_ptr + rows[:, None] * stride_hn + ks[None, :] * stride_hh  # (BLOCK_N, BLOCK_H)
@@ -89,24 +108,27 @@ def _logits_tile(
         w_ptrs += BLOCK_H * stride_wh
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    return tl.where(col_ok[None, :], acc * inv_temperature, -float("inf"))
+    return tl.where(col_ok[None, :], acc * inv_t, -float("inf"))
 
 
-@triton.jit(do_not_specialize=_RUNTIME_INTS)
+@triton.jit(do_not_specialize=_RUNTIME_INTS, do_not_specialize_on_alignment=_PER_ROW_POINTERS)
 def _linear_fwd_kernel(
-    hidden_ptr, weight_ptr, bias_ptr, ids_ptr, stats_ptr,
-    N, V, H, stride_hn, stride_hh, stride_wv, stride_wh, inv_temperature,
-    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+    hidden_ptr, weight_ptr, bias_ptr, ids_ptr, active_ptr, temperature_ptr, stats_ptr,
+    N, V, H, stride_hn, stride_hh, stride_wv, stride_wh, vocab_start, inv_temperature,
+    HAS_BIAS: tl.constexpr, HAS_ACTIVE: tl.constexpr, PER_ROW_TEMPERATURE: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
     VOCAB_CHUNK: tl.constexpr, GROUP_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Reads hidden[rows], ids[rows] and weight, bias over one vocabulary chunk, for one token
     tile; writes that chunk's statistics of each row to stats (4, num_chunks, N) fp32:
     m = max z, s = sum exp(z - m), u = sum exp(z - m)(z - m), and z_y (0 when y is not in
-    the chunk). combine_chunk_stats merges the chunks."""
+    the chunk; y is ids - vocab_start). merge_chunks merges the chunks."""
     num_chunks = tl.cdiv(V, VOCAB_CHUNK)
     pid_n, chunk = _tile_coords(tl.program_id(0), tl.cdiv(N, BLOCK_N), num_chunks, GROUP_N)
     rows = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    y = tl.load(ids_ptr + rows, mask=rows < N, other=-1).to(tl.int64)
+    row_ok, inv_t = _tile_rows(rows, N, active_ptr, temperature_ptr, inv_temperature, HAS_ACTIVE,
+                               PER_ROW_TEMPERATURE)
+    y = tl.load(ids_ptr + rows, mask=rows < N, other=-1).to(tl.int64) - vocab_start
 
     m = tl.full((BLOCK_N,), -float("inf"), dtype=tl.float32)
     s = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -116,8 +138,8 @@ def _linear_fwd_kernel(
     v_end = tl.minimum(v_begin + VOCAB_CHUNK, V)
     for v in range(v_begin, v_end, BLOCK_V):
         cols = v + tl.arange(0, BLOCK_V)
-        z = _logits_tile(hidden_ptr, weight_ptr, bias_ptr, rows, cols, N, v_end, H,
-                         stride_hn, stride_hh, stride_wv, stride_wh, inv_temperature,
+        z = _logits_tile(hidden_ptr, weight_ptr, bias_ptr, rows, row_ok, cols, v_end, H,
+                         stride_hn, stride_hh, stride_wv, stride_wh, inv_t,
                          HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION)
         m, s, u = online_softmax_step(m, s, u, z, 1)
         # The target logit from the very tile the statistics saw, so logprob and p_y agree.
@@ -133,47 +155,53 @@ def _linear_fwd_kernel(
     tl.store(out + 3 * plane, z_y, mask=row_ok)
 
 
-@triton.jit(do_not_specialize=_RUNTIME_INTS)
+@triton.jit(do_not_specialize=_RUNTIME_INTS, do_not_specialize_on_alignment=_PER_ROW_POINTERS)
 def _linear_dz_kernel(
-    hidden_ptr, weight_ptr, bias_ptr, ids_ptr, lse_ptr, mean_z_ptr, grad_logprobs_ptr, grad_entropy_ptr,
-    dz_ptr, bias_partial_ptr,
-    N, V, H, v_begin, chunk_width, stride_hn, stride_hh, stride_wv, stride_wh, stride_dzn, stride_bpn, inv_temperature,
+    hidden_ptr, weight_ptr, bias_ptr, ids_ptr, active_ptr, temperature_ptr, m_ptr, log_sum_ptr, mean_rel_ptr,
+    grad_logprobs_ptr, grad_entropy_ptr, dz_ptr, bias_partial_ptr,
+    N, V, H, v_begin, chunk_width, stride_hn, stride_hh, stride_wv, stride_wh, stride_dzn, stride_bpn, vocab_start,
+    inv_temperature,
     HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr, HAS_GRAD_ENTROPY: tl.constexpr,
+    HAS_ACTIVE: tl.constexpr, PER_ROW_TEMPERATURE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, GROUP_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     """Reads hidden[rows], weight and bias over columns [v_begin, v_begin + chunk_width), and
-    ids, lse, mean_z and the upstream gradients [rows]; writes, for one (token, column) tile,
+    ids, active, temperature, m, log_sum, mean_rel and the upstream gradients [rows]; writes,
+    for one (token, column) tile,
     dz[rows, col - v_begin] = dL/d(hidden @ W.T + b) in dz's dtype and, with BIAS_GRAD, the
     tile's fp32 column sums to bias_partial[token tile, col - v_begin]. chunk_width is a whole
     number of tiles; columns >= V get dz = 0 (p = 0 there and no target), so the consumers
-    read whole tiles."""
+    read whole tiles. Rows past N or inactive get dz = 0."""
     num_n = tl.cdiv(N, BLOCK_N)
     pid_n, pid_v = _tile_coords(tl.program_id(0), num_n, tl.cdiv(chunk_width, BLOCK_V), GROUP_N)
     rows = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     local = pid_v.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
     cols = v_begin + local
-    row_ok = rows < N
+    row_ok, inv_t = _tile_rows(rows, N, active_ptr, temperature_ptr, inv_temperature, HAS_ACTIVE,
+                               PER_ROW_TEMPERATURE)
     col_ok = local < chunk_width
 
-    z = _logits_tile(hidden_ptr, weight_ptr, bias_ptr, rows, cols, N, V, H,
-                     stride_hn, stride_hh, stride_wv, stride_wh, inv_temperature,
+    z = _logits_tile(hidden_ptr, weight_ptr, bias_ptr, rows, row_ok, cols, V, H,
+                     stride_hn, stride_hh, stride_wv, stride_wh, inv_t,
                      HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION)
-    y = tl.load(ids_ptr + rows, mask=row_ok, other=-1).to(tl.int64)
-    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+    y = tl.load(ids_ptr + rows, mask=row_ok, other=-1).to(tl.int64) - vocab_start
+    m = tl.load(m_ptr + rows, mask=row_ok, other=0.0)
+    log_s = tl.load(log_sum_ptr + rows, mask=row_ok, other=0.0)
     # The 1/temperature of dz/d(pre-temperature logits) folds into the per-row coefficients.
-    c = tl.load(grad_logprobs_ptr + rows, mask=row_ok, other=0.0) * inv_temperature
-    p = tl.exp(z - lse[:, None])
-    dz = tl.where(cols[None, :] == y[:, None], c[:, None], 0.0) - c[:, None] * p
+    c = tl.load(grad_logprobs_ptr + rows, mask=row_ok, other=0.0)[:, None] * inv_t
+    z_rel = z - m[:, None]
+    p = tl.exp(z_rel - log_s[:, None])
+    dz = tl.where(cols[None, :] == y[:, None], c, 0.0) - c * p
     if HAS_GRAD_ENTROPY:
-        e = tl.load(grad_entropy_ptr + rows, mask=row_ok, other=0.0) * inv_temperature
-        mean_z = tl.load(mean_z_ptr + rows, mask=row_ok, other=0.0)
+        e = tl.load(grad_entropy_ptr + rows, mask=row_ok, other=0.0)[:, None] * inv_t
+        mean_rel = tl.load(mean_rel_ptr + rows, mask=row_ok, other=0.0)
         # dH/dz = p (E_p[z] - z); where p underflows to 0 the term is 0, not 0 * inf.
-        dz += e[:, None] * p * tl.where(p > 0.0, mean_z[:, None] - z, 0.0)
-    # Rows past N must add nothing to the bias sums.
+        dz += e * p * tl.where(p > 0.0, mean_rel[:, None] - z_rel, 0.0)
+    # Rows past N or inactive must add nothing to the bias sums.
     dz = tl.where(row_ok[:, None], dz, 0.0)
     tl.store(dz_ptr + rows[:, None] * stride_dzn + local[None, :], dz.to(dz_ptr.dtype.element_ty),
-             mask=row_ok[:, None] & col_ok[None, :])
+             mask=(rows < N)[:, None] & col_ok[None, :])
     if BIAS_GRAD:
         # Column sums of the fp32 dz (not of its rounded copy); summed over token tiles later.
         tl.store(bias_partial_ptr + pid_n.to(tl.int64) * stride_bpn + local, tl.sum(dz, axis=0), mask=col_ok)
@@ -223,16 +251,17 @@ def _linear_grad_hidden_kernel(
         tl.store(acc_ptr + tile, acc, mask=tile_ok)
 
 
-@triton.jit(do_not_specialize=_RUNTIME_INTS)
+@triton.jit(do_not_specialize=_RUNTIME_INTS, do_not_specialize_on_alignment=_PER_ROW_POINTERS)
 def _linear_grad_weight_kernel(
-    dz_ptr, hidden_ptr, grad_weight_ptr,
+    dz_ptr, hidden_ptr, active_ptr, grad_weight_ptr,
     N, V, H, v_begin, chunk_width, stride_dzn, stride_hn, stride_hh, stride_gv,
-    BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_V: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    HAS_ACTIVE: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
+    GROUP_V: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """For one (column, feature) tile of the chunk: reads dz[:, cols] and hidden[:, feats] over
     all N tokens; writes grad_weight[v_begin + cols, feats] = dz[:, cols].T @ hidden[:, feats]
-    in grad_weight's dtype (rows < V). The token sum is one fp32 accumulator, owned by this program."""
+    in grad_weight's dtype (rows < V). The token sum is one fp32 accumulator, owned by this program.
+    Inactive tokens' hidden rows are read as zeros: whatever they hold never reaches the sum."""
     pid_v, pid_h = _tile_coords(tl.program_id(0), tl.cdiv(chunk_width, BLOCK_V), tl.cdiv(H, BLOCK_H), GROUP_V)
     local = pid_v.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
     feats = pid_h.to(tl.int64) * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -246,7 +275,10 @@ def _linear_grad_weight_kernel(
     for k in range(0, N, BLOCK_N):
         k_ok = ks < N - k
         a = tl.load(dz_ptrs, mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(h_ptrs, mask=k_ok[:, None] & feat_ok[None, :], other=0.0)
+        h_ok = k_ok
+        if HAS_ACTIVE:
+            h_ok = h_ok & (tl.load(active_ptr + k + ks, mask=k_ok, other=0) != 0)
+        b = tl.load(h_ptrs, mask=h_ok[:, None] & feat_ok[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
         dz_ptrs += BLOCK_N * stride_dzn
         h_ptrs += BLOCK_N * stride_hn
@@ -324,17 +356,26 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def forward_launch(hidden, weight, bias, ids, temperature, stats, config: LinearConfig):
+def _row_args(ids, temperature, active):
+    """(active pointer, temperature pointer, scalar 1/temperature, flags) of the token-tile kernels."""
+    per_row = isinstance(temperature, torch.Tensor)
+    active_arg = ids if active is None else active.view(torch.uint8)  # a bool mask read as bytes, no copy
+    return (active_arg, temperature if per_row else ids, 1.0 if per_row else 1.0 / temperature,
+            dict(HAS_ACTIVE=active is not None, PER_ROW_TEMPERATURE=per_row))
+
+
+def forward_launch(hidden, weight, bias, ids, temperature, active, stats, config: LinearConfig, vocab_start=0):
     """(kernel, grid, args, meta) of the forward sweep writing stats (4, num_chunks, N)."""
     N, H = hidden.shape
     V = weight.shape[0]
     t = config.logits
     grid = (triton.cdiv(N, t.block_m) * triton.cdiv(V, config.vocab_chunk),)
-    args = (hidden, weight, hidden if bias is None else bias, ids, stats, N, V, H, *hidden.stride(), *weight.stride(),
-            1.0 / temperature)
+    active_arg, temp_arg, inv, flags = _row_args(ids, temperature, active)
+    args = (hidden, weight, hidden if bias is None else bias, ids, active_arg, temp_arg, stats, N, V, H,
+            *hidden.stride(), *weight.stride(), vocab_start, inv)
     meta = dict(HAS_BIAS=bias is not None, BLOCK_N=t.block_m, BLOCK_V=t.block_n, BLOCK_H=t.block_k,
                 VOCAB_CHUNK=config.vocab_chunk, GROUP_N=config.group, DOT_PRECISION=_dot_precision(hidden.dtype),
-                **t.meta())
+                **flags, **t.meta())
     return _linear_fwd_kernel, grid, args, meta
 
 
@@ -344,21 +385,23 @@ def _padded_width(V: int, v_begin: int, config: LinearConfig) -> int:
     return triton.cdiv(width, config.logits.block_n) * config.logits.block_n
 
 
-def dz_launch(hidden, weight, bias, ids, temperature, lse, mean_z, grad_logprobs, grad_entropy, dz, bias_partial,
-              v_begin: int, config: LinearConfig):
+def dz_launch(hidden, weight, bias, ids, temperature, active, m, log_sum, mean_rel, grad_logprobs, grad_entropy, dz,
+              bias_partial, v_begin: int, config: LinearConfig, vocab_start=0):
     """(kernel, grid, args, meta) writing dz[:, :chunk_width] (and bias_partial) for the chunk at v_begin."""
     N, H = hidden.shape
     V = weight.shape[0]
     chunk_width = _padded_width(V, v_begin, config)
     t = config.logits
     grid = (triton.cdiv(N, t.block_m) * triton.cdiv(chunk_width, t.block_n),)
-    args = (hidden, weight, hidden if bias is None else bias, ids, lse, mean_z, grad_logprobs,
-            grad_logprobs if grad_entropy is None else grad_entropy, dz, lse if bias_partial is None else bias_partial,
+    active_arg, temp_arg, inv, flags = _row_args(ids, temperature, active)
+    args = (hidden, weight, hidden if bias is None else bias, ids, active_arg, temp_arg, m, log_sum, mean_rel,
+            grad_logprobs, grad_logprobs if grad_entropy is None else grad_entropy, dz,
+            m if bias_partial is None else bias_partial,
             N, V, H, v_begin, chunk_width, *hidden.stride(), *weight.stride(), dz.stride(0),
-            0 if bias_partial is None else bias_partial.stride(0), 1.0 / temperature)
+            0 if bias_partial is None else bias_partial.stride(0), vocab_start, inv)
     meta = dict(HAS_BIAS=bias is not None, BIAS_GRAD=bias_partial is not None,
                 HAS_GRAD_ENTROPY=grad_entropy is not None, BLOCK_N=t.block_m, BLOCK_V=t.block_n, BLOCK_H=t.block_k,
-                GROUP_N=config.group, DOT_PRECISION=_dot_precision(hidden.dtype), **t.meta())
+                GROUP_N=config.group, DOT_PRECISION=_dot_precision(hidden.dtype), **flags, **t.meta())
     return _linear_dz_kernel, grid, args, meta
 
 
@@ -375,16 +418,16 @@ def grad_hidden_launch(dz, weight, acc, out, v_begin: int, first: bool, last: bo
     return _linear_grad_hidden_kernel, grid, args, meta
 
 
-def grad_weight_launch(dz, hidden, grad_weight, v_begin: int, config: LinearConfig):
+def grad_weight_launch(dz, hidden, active, grad_weight, v_begin: int, config: LinearConfig):
     """(kernel, grid, args, meta) writing the rows of grad_weight in the chunk at v_begin."""
     N, H = hidden.shape
     V = grad_weight.shape[0]
     chunk_width = _padded_width(V, v_begin, config)
     t = config.grad_weight
     grid = (triton.cdiv(chunk_width, t.block_m) * triton.cdiv(H, t.block_n),)
-    args = (dz, hidden, grad_weight, N, V, H, v_begin, chunk_width, dz.stride(0), *hidden.stride(),
-            grad_weight.stride(0))
-    meta = dict(BLOCK_V=t.block_m, BLOCK_H=t.block_n, BLOCK_N=t.block_k, GROUP_V=config.group,
+    args = (dz, hidden, dz if active is None else active.view(torch.uint8), grad_weight, N, V, H, v_begin,
+            chunk_width, dz.stride(0), *hidden.stride(), grad_weight.stride(0))
+    meta = dict(HAS_ACTIVE=active is not None, BLOCK_V=t.block_m, BLOCK_H=t.block_n, BLOCK_N=t.block_k, GROUP_V=config.group,
                 DOT_PRECISION=_dot_precision(dz.dtype), **t.meta())
     return _linear_grad_weight_kernel, grid, args, meta
 
@@ -404,22 +447,31 @@ def _check_supported(hidden: torch.Tensor, weight: torch.Tensor) -> None:
 
 
 def forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ids: torch.Tensor,
-            temperature: float, *, config: LinearConfig | None = None):
-    """hidden (N, H), weight (V, H), bias (V,) | None, ids (N,) -> logprobs, entropy, lse, mean_z (N,) fp32."""
+            temperature, active: torch.Tensor | None = None, vocab_start: int = 0, partial: bool = False, *,
+            config: LinearConfig | None = None):
+    """hidden (N, H), weight (V, H), bias (V,) | None, ids (N,) -> the five (N,) fp32 numbers of the
+    sweep contract (docs/design.md), or with partial this shard's (m, s, u, z_y)."""
     _check_supported(hidden, weight)
     N, H = hidden.shape
     V = weight.shape[0]
     config = config or default_config(N, V, H, hidden.dtype)
+    ids = ids.contiguous()
     stats = torch.empty((4, triton.cdiv(V, config.vocab_chunk), N), dtype=torch.float32, device=hidden.device)
     if N > 0:
-        kernel, grid, args, meta = forward_launch(hidden, weight, bias, ids.contiguous(), temperature, stats, config)
+        kernel, grid, args, meta = forward_launch(hidden, weight, bias, ids, temperature, active, stats, config,
+                                                  vocab_start)
         kernel[grid](*args, **meta)
-    return combine_chunk_stats(stats)
+    merged = merge_chunks(stats)
+    if partial:
+        return merged
+    local = ids - vocab_start
+    return finish(*merged, owned=(local >= 0) & (local < V), active=active)
 
 
 def backward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ids: torch.Tensor,
-             temperature: float, lse: torch.Tensor, mean_z: torch.Tensor, grad_logprobs: torch.Tensor | None,
-             grad_entropy: torch.Tensor | None, *, needs_grad: tuple[bool, bool, bool] = (True, True, True),
+             temperature, active: torch.Tensor | None, m: torch.Tensor, log_sum: torch.Tensor,
+             mean_rel: torch.Tensor, grad_logprobs: torch.Tensor | None, grad_entropy: torch.Tensor | None, *,
+             needs_grad: tuple[bool, bool, bool] = (True, True, True), vocab_start: int = 0,
              config: LinearConfig | None = None):
     """-> (grad_hidden, grad_weight, grad_bias) in their inputs' dtypes (None where not needed)."""
     _check_supported(hidden, weight)
@@ -439,7 +491,7 @@ def backward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
     ids = ids.contiguous()
     # The (N,) upstream gradients may arrive expanded or in float64: make them plain fp32.
-    grad_logprobs = torch.zeros_like(lse) if grad_logprobs is None else grad_logprobs.float().contiguous()
+    grad_logprobs = torch.zeros_like(m) if grad_logprobs is None else grad_logprobs.float().contiguous()
     grad_entropy = None if grad_entropy is None else grad_entropy.float().contiguous()
     chunk = config.vocab_chunk
     # One chunk of dz, whole tiles wide (its padding columns hold zeros).
@@ -458,15 +510,16 @@ def backward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
     last = triton.cdiv(V, chunk) - 1
     for i, (v_begin, v_end) in enumerate(vocab_chunks(V, chunk)):
-        kernel, grid, args, meta = dz_launch(hidden, weight, bias, ids, temperature, lse, mean_z, grad_logprobs,
-                                             grad_entropy, dz, bias_partial, v_begin, config)
+        kernel, grid, args, meta = dz_launch(hidden, weight, bias, ids, temperature, active, m, log_sum, mean_rel,
+                                             grad_logprobs, grad_entropy, dz, bias_partial, v_begin, config,
+                                             vocab_start)
         kernel[grid](*args, **meta)
         if grad_hidden is not None:
             kernel, grid, args, meta = grad_hidden_launch(dz, weight, acc, grad_hidden, v_begin, i == 0, i == last,
                                                           config)
             kernel[grid](*args, **meta)
         if grad_weight is not None:
-            kernel, grid, args, meta = grad_weight_launch(dz, hidden, grad_weight, v_begin, config)
+            kernel, grid, args, meta = grad_weight_launch(dz, hidden, active, grad_weight, v_begin, config)
             kernel[grid](*args, **meta)
         if grad_bias is not None:
             # A fixed-order sum over token tiles of fp32 partials: deterministic.

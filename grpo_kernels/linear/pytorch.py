@@ -6,8 +6,9 @@ chunk's logits (N, chunk) are computed, reduced and dropped.
 
   forward   per chunk: the softmax statistics of each row relative to the chunk's max
             (m, s = sum exp(z - m), u = sum exp(z - m)(z - m), and the target logit z_y);
-            `combine_chunk_stats` merges the chunks into logprobs, entropy, lse, mean_z.
-  backward  per chunk, the logits once more and dz = (c (onehot(y) - p) + e p (mean_z - z)) / T;
+            `merge_chunks` merges the chunks and stats.finish gives the five numbers of the
+            sweep contract (logprobs, entropy, m, log_sum, mean_rel; docs/design.md).
+  backward  per chunk, the logits once more and dz = (c (onehot(y) - p) + e p (mean_rel - (z - m))) / T;
             grad_hidden += dz @ W[chunk] (one running sum over the chunks, in the compute
             dtype), grad_weight[chunk] = dz.T @ hidden, grad_bias[chunk] = dz.sum(0).
 
@@ -20,7 +21,8 @@ from collections.abc import Iterator
 
 import torch
 
-from .reference import compute_dtype
+from ..stats import finish, rebase, shift_of
+from ..sweep.pytorch import compute_dtype
 
 # Elements of one chunk of logits (64 MiB in fp32): wide chunks keep the two matmuls per
 # chunk efficient, which matters more here than keeping a chunk in cache (torch_path).
@@ -59,74 +61,87 @@ def chunk_stats(z: torch.Tensor, local_ids: torch.Tensor) -> tuple[torch.Tensor,
     return m, s, u, torch.where(in_chunk, z_y, 0.0)
 
 
-def combine_chunk_stats(stats: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Merge per-chunk statistics stats (4, K, N) = (m, s, u, z_y) into logprobs, entropy,
-    lse and mean_z, each (N,), in stats' dtype.
-
-    Each chunk k is rebased from its max m_k to the global max M:
-    s -> exp(m_k - M) s_k and u -> exp(m_k - M) (u_k + (m_k - M) s_k). The sums over K run in
-    a fixed order, so the result is bitwise reproducible.
-    """
+def merge_chunks(stats: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Merge per-chunk statistics stats (4, K, N) = (m, s, u, z_y) into one row's (M, S, U, z_y),
+    S and U measured from shift_of(M) (stats.py). The sums over K run in a fixed order, so the
+    result is bitwise reproducible."""
     m, s, u, z_y = stats.unbind(0)
     M = m.amax(0)
-    shift = torch.where(M == -float("inf"), 0.0, M)
-    # A chunk with s = 0 (all -inf) contributes nothing; select before multiplying, as -inf * 0 is NaN.
-    live = s > 0
-    rel = torch.where(live, m - shift, 0.0)
-    w = torch.where(live, torch.exp(rel), 0.0)
-    S = (w * s).sum(0)
-    U = (w * (u + rel * s)).sum(0)
-    log_s = torch.log(S)
-    mean_rel = U / S
-    lse = shift + log_s
-    return z_y.sum(0) - lse, log_s - mean_rel, lse, shift + mean_rel
+    s, u = rebase(m, s, u, shift_of(M))
+    return M, s.sum(0), u.sum(0), z_y.sum(0)
+
+
+def _inv_temperature(temperature, like: torch.Tensor):
+    """1 / temperature: a float, or (N, 1) with NaN where a per-token temperature is <= 0 or not finite."""
+    if not isinstance(temperature, torch.Tensor):
+        return 1.0 / temperature
+    t = temperature.to(like.dtype)
+    return torch.where(torch.isfinite(t) & (t > 0), 1.0 / t, float("nan")).unsqueeze(-1)
+
+
+def _rows(hidden: torch.Tensor, active: torch.Tensor | None) -> torch.Tensor:
+    """hidden in the compute dtype, inactive rows read as zeros (their values never reach a sum)."""
+    h = hidden.to(compute_dtype(hidden.dtype))
+    return h if active is None else torch.where(active.unsqueeze(-1), h, 0.0)
 
 
 def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, start: int, stop: int,
-                  temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+                  inv_t) -> tuple[torch.Tensor, torch.Tensor]:
     """(z, w): the scaled logits of columns [start, stop) and that slice of the weight, in h's dtype."""
     w = weight[start:stop].to(h.dtype)
     z = h @ w.T
     if bias is not None:
         z += bias[start:stop].to(h.dtype)
-    return z.div_(temperature), w
+    return z.mul_(inv_t), w
 
 
 def forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ids: torch.Tensor,
-            temperature: float, *, vocab_chunk: int | None = None):
-    """hidden (N, H), weight (V, H), bias (V,) | None, ids (N,) -> logprobs, entropy, lse, mean_z, each (N,)."""
+            temperature, active: torch.Tensor | None = None, vocab_start: int = 0, partial: bool = False, *,
+            vocab_chunk: int | None = None):
+    """hidden (N, H), weight (V, H), bias (V,) | None, ids (N,) -> the five numbers of the sweep
+    contract (docs/design.md), or with partial this shard's (m, s, u, z_y), each (N,)."""
     N, V = hidden.shape[0], weight.shape[0]
-    h = hidden.to(compute_dtype(hidden.dtype))
-    ids = ids.long()
+    h = _rows(hidden, active)
+    inv_t = _inv_temperature(temperature, h)
+    local = ids.long() - vocab_start
     chunk = vocab_chunk or default_chunk(N, V)
     stats = torch.empty((4, -(-V // chunk), N), dtype=h.dtype, device=h.device)
     for k, (start, stop) in enumerate(vocab_chunks(V, chunk)):
-        z, _ = _chunk_logits(h, weight, bias, start, stop, temperature)
-        for out, value in zip(stats[:, k], chunk_stats(z, ids - start)):
+        z, _ = _chunk_logits(h, weight, bias, start, stop, inv_t)
+        for out, value in zip(stats[:, k], chunk_stats(z, local - start)):
             out.copy_(value)
-    return combine_chunk_stats(stats)
+    merged = merge_chunks(stats)
+    owned = (local >= 0) & (local < V)
+    if partial:
+        return merged
+    return finish(*merged, owned=owned, active=active)
 
 
 def backward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ids: torch.Tensor,
-             temperature: float, lse: torch.Tensor, mean_z: torch.Tensor, grad_logprobs: torch.Tensor | None,
-             grad_entropy: torch.Tensor | None, *, needs_grad: tuple[bool, bool, bool] = (True, True, True),
+             temperature, active: torch.Tensor | None, m: torch.Tensor, log_sum: torch.Tensor,
+             mean_rel: torch.Tensor, grad_logprobs: torch.Tensor | None, grad_entropy: torch.Tensor | None, *,
+             needs_grad: tuple[bool, bool, bool] = (True, True, True), vocab_start: int = 0,
              vocab_chunk: int | None = None):
-    """-> (grad_hidden, grad_weight, grad_bias), each in its input's dtype (None where not needed)."""
+    """-> (grad_hidden, grad_weight, grad_bias), each in its input's dtype (None where not needed).
+    Inactive rows get a zero gradient and add nothing to grad_weight and grad_bias."""
     N, V = hidden.shape[0], weight.shape[0]
     needs_hidden, needs_weight, needs_bias = needs_grad
     needs_bias = needs_bias and bias is not None
-    h = hidden.to(compute_dtype(hidden.dtype))
-    ids = ids.long()
+    h = _rows(hidden, active)
+    inv_t = _inv_temperature(temperature, h)
+    ids = ids.long() - vocab_start
     grad_hidden = torch.zeros_like(h) if needs_hidden else None
     grad_weight = torch.empty_like(weight) if needs_weight else None
     grad_bias = torch.empty_like(bias) if needs_bias else None
-    c = None if grad_logprobs is None else grad_logprobs.to(h.dtype).unsqueeze(-1)
-    e = None if grad_entropy is None else grad_entropy.to(h.dtype).unsqueeze(-1)
-    lse, mean_z = lse.to(h.dtype).unsqueeze(-1), mean_z.to(h.dtype).unsqueeze(-1)
+    on = None if active is None else active.to(h.dtype).unsqueeze(-1)
+    coef = lambda g: None if g is None else g.to(h.dtype).unsqueeze(-1) * (1.0 if on is None else on)  # noqa: E731
+    c, e = coef(grad_logprobs), coef(grad_entropy)
+    m, log_sum, mean_rel = (t.to(h.dtype).unsqueeze(-1) for t in (m, log_sum, mean_rel))
     chunk = vocab_chunk or default_chunk(N, V)
     for start, stop in vocab_chunks(V, chunk):
-        z, w = _chunk_logits(h, weight, bias, start, stop, temperature)
-        p = torch.exp(z - lse)
+        z, w = _chunk_logits(h, weight, bias, start, stop, inv_t)
+        z_rel = z - m
+        p = torch.exp(z_rel - log_sum)
         dz = torch.zeros_like(z)
         if c is not None:
             dz = -c * p
@@ -134,8 +149,8 @@ def backward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
             in_chunk = ((local >= 0) & (local < stop - start)).unsqueeze(-1)
             dz.scatter_add_(-1, local.clamp(0, stop - start - 1).unsqueeze(-1), torch.where(in_chunk, c, 0.0))
         if e is not None:
-            dz += e * p * torch.where(p > 0, mean_z - z, 0.0)
-        dz /= temperature
+            dz += e * p * torch.where(p > 0, mean_rel - z_rel, 0.0)
+        dz *= inv_t
         if grad_hidden is not None:
             grad_hidden.addmm_(dz, w)
         if grad_weight is not None:

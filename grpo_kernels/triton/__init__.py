@@ -1,1 +1,0 @@
-"""Triton kernels: the vocabulary sweeps (logprobs.py) and the fused-linear sweeps (linear.py)."""

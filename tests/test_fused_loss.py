@@ -111,6 +111,8 @@ def check_against_reference(backend, dtype, B, T, V, seed, o, *, sliced, mask_ki
     loss, want_loss = loss.detach(), want_loss.detach()
     assert abs(float(loss) - float(want_loss)) <= tol * (1 + abs(float(want_loss)))
     atol = 1e-9
+    if dtype == torch.float16:  # gradients below fp16's normal range keep an absolute step of 2^-24
+        atol += 2.0**-24 * grad.numel() ** 0.5
     if dtype == torch.float32:
         atol = fp32_grad_atol(logits, options.temperature, c, e)
         atol += 0.0 if dc is None else 2.0 * float(dc.norm()) / options.temperature  # ||onehot - p|| <= sqrt 2

@@ -14,8 +14,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import grpo_kernels
-from grpo_kernels import reference, torch_path
-from grpo_kernels.triton import logprobs as triton_sweep
+from grpo_kernels import reference
+from grpo_kernels.sweep import backend_module
+from grpo_kernels.sweep import pytorch as torch_path
+from grpo_kernels.sweep import triton as triton_sweep
 from helpers import fp32_grad_atol, rel_err
 
 BACKENDS = ["torch", "triton"]
@@ -59,8 +61,9 @@ def test_sweep_matches_float64(backend, B, T, V, dtype, temperature, entropy_gra
     grad_entropy = torch.randn(B, T, generator=g) if entropy_grad else None
     want_l, want_h, want_grad = reference_sweep(logits, ids, temperature, grad_logprobs, grad_entropy)
 
-    sweep = grpo_kernels.ops.sweep_backend(backend, logits.device)
-    logprobs, entropy, lse, mean_z = sweep.forward(logits, ids, temperature)
+    sweep = backend_module(backend)
+    logprobs, entropy, m, log_sum, mean_rel = sweep.forward(logits, ids.reshape(-1), temperature, None)
+    logprobs, entropy = logprobs.view(B, T), entropy.view(B, T)
     # fp32 math on the same rounded inputs: z_y - lse cancels for a near-certain token, so the
     # error bound is absolute, in units of the largest scaled logit.
     atol = 4e-6 * (1 + float(logits.double().abs().max()) / temperature)
@@ -68,7 +71,8 @@ def test_sweep_matches_float64(backend, B, T, V, dtype, temperature, entropy_gra
     assert (entropy.double() - want_h).abs().max() <= atol
 
     grad = torch.full(logits.shape, float("nan"), dtype=dtype)  # poison: every element must be written
-    sweep.backward(logits, ids, temperature, lse, mean_z, grad_logprobs, grad_entropy, grad)
+    sweep.backward(logits, ids.reshape(-1), temperature, None, m, log_sum, mean_rel, grad_logprobs.reshape(-1),
+                   None if grad_entropy is None else grad_entropy.reshape(-1), grad)
     assert torch.isfinite(grad).all()
     err = float((grad.double() - want_grad).norm())
     atol = fp32_grad_atol(logits, temperature, grad_logprobs, grad_entropy)
@@ -211,5 +215,5 @@ def test_torch_path_holds_one_chunk(monkeypatch):
         return out
 
     monkeypatch.setattr(torch.Tensor, "to", spy)
-    torch_path.forward(logits, ids, 1.0)
+    torch_path.forward(logits, ids.reshape(-1), 1.0, None)
     assert seen and max(seen) <= 4

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import grpo_kernels
-from grpo_kernels.triton import logprobs as sweep
+from grpo_kernels.sweep import triton as sweep
 
 sys.path.insert(0, str(Path(__file__).parent))
 import triton_aot  # noqa: E402
@@ -38,7 +38,9 @@ def compiled():
 
 def test_every_variant_compiles_for_sm80_and_sm90(compiled):
     names = {r["kernel"] for r in compiled}
-    assert len(names) == 3 * 2 * 3  # dtypes x alignment x (fwd, bwd, bwd with entropy)
+    # dtypes x alignment x (fwd, fwd with row mask and temperatures, partial fwd, bwd, bwd with entropy,
+    # bwd with row mask, temperatures and entropy)
+    assert len(names) == 3 * 2 * 6
     assert {(r["kernel"], r["arch"]) for r in compiled} == {(n, a) for n in names for a in (80, 90)}
 
 
@@ -63,7 +65,7 @@ def test_twenty_shapes_and_hyperparameters_share_one_compiled_variant():
             keys.setdefault(kernel.fn.__name__, set()).add(triton_aot.specialization_key(kernel, args, meta))
         return hook
 
-    hooks = [(k, record(k)) for k in (sweep._logprobs_fwd_kernel, sweep._logprobs_bwd_kernel)]
+    hooks = [(k, record(k)) for k in (sweep._sweep_fwd_kernel, sweep._sweep_bwd_kernel)]
     for kernel, hook in hooks:
         kernel.add_pre_run_hook(hook)
     try:
@@ -81,6 +83,6 @@ def test_twenty_shapes_and_hyperparameters_share_one_compiled_variant():
     finally:
         for kernel, hook in hooks:
             kernel.pre_run_hooks.remove(hook)
-    assert set(keys) == {"_logprobs_fwd_kernel", "_logprobs_bwd_kernel"}
+    assert set(keys) == {"_sweep_fwd_kernel", "_sweep_bwd_kernel"}
     for name, variants in keys.items():
         assert len(variants) == 1, (name, variants)

@@ -81,22 +81,30 @@ def report(name: str, compiled, arch: int) -> dict:
 
 
 def shipped_launches():
-    """One launch of every kernel variant we ship: each dtype, aligned or not, each flag."""
-    from grpo_kernels.triton import logprobs as sweep
+    """One launch of every kernel variant we ship: each dtype, aligned or not, each flag
+    (masked rows with per-token temperatures as packed batches use, the vocab-parallel partial forward)."""
+    from grpo_kernels.sweep import triton as sweep
 
     for dtype in sweep.SUPPORTED_DTYPES:
         for V in (151936, 1001):  # rows aligned (V % 16 == 0) and not
             base = torch.empty(2, 5, V, dtype=dtype)
             logits = base[:, :-1]  # the strided view trainers pass
             B, T = logits.shape[:2]
-            ids = torch.zeros(B, T, dtype=torch.int64)
-            out = torch.empty(4, B, T)
+            n = B * T
+            ids = torch.zeros(n, dtype=torch.int64)
+            active, temperature = torch.ones(n, dtype=torch.bool), torch.ones(n)
+            outs = [torch.empty(n) for _ in range(5)]
             name = f"{str(dtype).removeprefix('torch.')}-V{V}"
-            yield ("fwd-" + name, *sweep.forward_launch(logits, ids, 1.0, out))
+            yield ("fwd-" + name, *sweep.forward_launch(logits, ids, 1.0, None, outs))
+            yield ("fwd-rows-" + name, *sweep.forward_launch(logits, ids, temperature, active, outs))
+            yield ("fwd-partial-" + name, *sweep.forward_launch(logits, ids, 1.0, None, outs[:4], 7, True))
+            grad = torch.empty(B, T, V, dtype=dtype)
             for entropy_grad in (False, True):
                 yield (f"bwd-{name}-entropy{int(entropy_grad)}",
-                       *sweep.backward_launch(logits, ids, 1.0, out[2], out[3], out[0],
-                                              out[1] if entropy_grad else None, torch.empty(B, T, V, dtype=dtype)))
+                       *sweep.backward_launch(logits, ids, 1.0, None, *outs[2:5], outs[0],
+                                              outs[1] if entropy_grad else None, grad))
+            yield (f"bwd-rows-{name}-entropy1",
+                   *sweep.backward_launch(logits, ids, temperature, active, *outs[2:5], outs[0], outs[1], grad, 7))
 
 
 def main() -> int:

@@ -141,13 +141,16 @@ def backward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     for start, stop in vocab_chunks(V, chunk):
         z, w = _chunk_logits(h, weight, bias, start, stop, inv_t)
         z_rel = z - m
-        p = torch.exp(z_rel - log_sum)
+        logp = z_rel - log_sum
+        p = torch.exp(logp)
         dz = torch.zeros_like(z)
         if c is not None:
             dz = -c * p
             local = ids - start
             in_chunk = ((local >= 0) & (local < stop - start)).unsqueeze(-1)
-            dz.scatter_add_(-1, local.clamp(0, stop - start - 1).unsqueeze(-1), torch.where(in_chunk, c, 0.0))
+            col = local.clamp(0, stop - start - 1).unsqueeze(-1)
+            # The target's c (1 - p_y) as -c expm1(log p_y): no cancellation for a confident token.
+            dz.scatter_(-1, col, torch.where(in_chunk, -c * torch.expm1(logp.gather(-1, col)), dz.gather(-1, col)))
         if e is not None:
             dz += e * p * torch.where(p > 0, mean_rel - z_rel, 0.0)
         dz *= inv_t

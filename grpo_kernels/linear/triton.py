@@ -44,7 +44,7 @@ import triton
 import triton.language as tl
 
 from ..stats import finish
-from ..sweep.triton import online_softmax_step
+from ..sweep.triton import expm1, online_softmax_step
 from .pytorch import merge_chunks, vocab_chunks
 
 # The token count varies per batch: never specialised, so a new N reuses the compiled kernel.
@@ -191,8 +191,10 @@ def _linear_dz_kernel(
     # The 1/temperature of dz/d(pre-temperature logits) folds into the per-row coefficients.
     c = tl.load(grad_logprobs_ptr + rows, mask=row_ok, other=0.0)[:, None] * inv_t
     z_rel = z - m[:, None]
-    p = tl.exp(z_rel - log_s[:, None])
-    dz = tl.where(cols[None, :] == y[:, None], c, 0.0) - c * p
+    logp = z_rel - log_s[:, None]
+    p = tl.exp(logp)
+    # c (onehot - p), the target's term as -c expm1(logp): no cancellation for a confident token.
+    dz = tl.where(cols[None, :] == y[:, None], -c * expm1(logp), -c * p)
     if HAS_GRAD_ENTROPY:
         e = tl.load(grad_entropy_ptr + rows, mask=row_ok, other=0.0)[:, None] * inv_t
         mean_rel = tl.load(mean_rel_ptr + rows, mask=row_ok, other=0.0)
@@ -251,17 +253,18 @@ def _linear_grad_hidden_kernel(
         tl.store(acc_ptr + tile, acc, mask=tile_ok)
 
 
-@triton.jit(do_not_specialize=_RUNTIME_INTS, do_not_specialize_on_alignment=_PER_ROW_POINTERS)
+@triton.jit(do_not_specialize=_RUNTIME_INTS)
 def _linear_grad_weight_kernel(
-    dz_ptr, hidden_ptr, active_ptr, grad_weight_ptr,
+    dz_ptr, hidden_ptr, grad_weight_ptr,
     N, V, H, v_begin, chunk_width, stride_dzn, stride_hn, stride_hh, stride_gv,
-    HAS_ACTIVE: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
-    GROUP_V: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_V: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """For one (column, feature) tile of the chunk: reads dz[:, cols] and hidden[:, feats] over
     all N tokens; writes grad_weight[v_begin + cols, feats] = dz[:, cols].T @ hidden[:, feats]
     in grad_weight's dtype (rows < V). The token sum is one fp32 accumulator, owned by this program.
-    Inactive tokens' hidden rows are read as zeros: whatever they hold never reaches the sum."""
+    Inactive tokens have dz = 0; their hidden rows are still read here (O(N * H), and a mask load
+    per step spills the fp32 variant), so they must be finite, as a model's hidden states are."""
     pid_v, pid_h = _tile_coords(tl.program_id(0), tl.cdiv(chunk_width, BLOCK_V), tl.cdiv(H, BLOCK_H), GROUP_V)
     local = pid_v.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
     feats = pid_h.to(tl.int64) * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -275,10 +278,7 @@ def _linear_grad_weight_kernel(
     for k in range(0, N, BLOCK_N):
         k_ok = ks < N - k
         a = tl.load(dz_ptrs, mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-        h_ok = k_ok
-        if HAS_ACTIVE:
-            h_ok = h_ok & (tl.load(active_ptr + k + ks, mask=k_ok, other=0) != 0)
-        b = tl.load(h_ptrs, mask=h_ok[:, None] & feat_ok[None, :], other=0.0)
+        b = tl.load(h_ptrs, mask=k_ok[:, None] & feat_ok[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
         dz_ptrs += BLOCK_N * stride_dzn
         h_ptrs += BLOCK_N * stride_hn
@@ -418,16 +418,16 @@ def grad_hidden_launch(dz, weight, acc, out, v_begin: int, first: bool, last: bo
     return _linear_grad_hidden_kernel, grid, args, meta
 
 
-def grad_weight_launch(dz, hidden, active, grad_weight, v_begin: int, config: LinearConfig):
+def grad_weight_launch(dz, hidden, grad_weight, v_begin: int, config: LinearConfig):
     """(kernel, grid, args, meta) writing the rows of grad_weight in the chunk at v_begin."""
     N, H = hidden.shape
     V = grad_weight.shape[0]
     chunk_width = _padded_width(V, v_begin, config)
     t = config.grad_weight
     grid = (triton.cdiv(chunk_width, t.block_m) * triton.cdiv(H, t.block_n),)
-    args = (dz, hidden, dz if active is None else active.view(torch.uint8), grad_weight, N, V, H, v_begin,
-            chunk_width, dz.stride(0), *hidden.stride(), grad_weight.stride(0))
-    meta = dict(HAS_ACTIVE=active is not None, BLOCK_V=t.block_m, BLOCK_H=t.block_n, BLOCK_N=t.block_k, GROUP_V=config.group,
+    args = (dz, hidden, grad_weight, N, V, H, v_begin, chunk_width, dz.stride(0), *hidden.stride(),
+            grad_weight.stride(0))
+    meta = dict(BLOCK_V=t.block_m, BLOCK_H=t.block_n, BLOCK_N=t.block_k, GROUP_V=config.group,
                 DOT_PRECISION=_dot_precision(dz.dtype), **t.meta())
     return _linear_grad_weight_kernel, grid, args, meta
 
@@ -458,7 +458,9 @@ def forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     ids = ids.contiguous()
     stats = torch.empty((4, triton.cdiv(V, config.vocab_chunk), N), dtype=torch.float32, device=hidden.device)
     if N > 0:
-        kernel, grid, args, meta = forward_launch(hidden, weight, bias, ids, temperature, active, stats, config,
+        # The forward reads inactive rows' hidden states (O(N * H); a row-mask load spills the
+        # 16-bit tile on sm_80) and finish() zeroes their outputs; the backward skips them.
+        kernel, grid, args, meta = forward_launch(hidden, weight, bias, ids, temperature, None, stats, config,
                                                   vocab_start)
         kernel[grid](*args, **meta)
     merged = merge_chunks(stats)
@@ -519,7 +521,7 @@ def backward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
                                                           config)
             kernel[grid](*args, **meta)
         if grad_weight is not None:
-            kernel, grid, args, meta = grad_weight_launch(dz, hidden, active, grad_weight, v_begin, config)
+            kernel, grid, args, meta = grad_weight_launch(dz, hidden, grad_weight, v_begin, config)
             kernel[grid](*args, **meta)
         if grad_bias is not None:
             # A fixed-order sum over token tiles of fp32 partials: deterministic.

@@ -99,15 +99,20 @@ def backward(logits, ids, temperature, active, m, log_sum, mean_rel, grad_logpro
         logp = logp.sub_(log_sum[rows].to(dtype).unsqueeze(-1))
         p = logp.exp()
         c = c_all[rows].unsqueeze(-1)
+        y = ids[rows] - vocab_start
+        owned = ((y >= 0) & (y < V)).unsqueeze(-1)
+        col = y.clamp(0, V - 1).unsqueeze(-1)
+        logp_y = logp.gather(-1, col)
+        # The target's c (1 - p_y) as -c expm1(log p_y): no cancellation for a confident token.
+        target = -c * torch.expm1(logp_y)
         if grad_entropy is None:
             weight = c
         else:  # c + e (H + log p); log p clamped so that p = 0 gives 0, not 0 * -inf
             H = (log_sum[rows] - mean_rel[rows]).to(dtype).unsqueeze(-1)
             e = grad_entropy[rows].to(dtype).unsqueeze(-1)
+            target = target - e * (logp_y.clamp(min=torch.finfo(dtype).min) + H) * logp_y.exp()
             weight = logp.clamp_(min=torch.finfo(dtype).min).add_(H).mul_(e).add_(c)
         grad = p.mul_(weight).neg_()
-        y = ids[rows] - vocab_start
-        owned = ((y >= 0) & (y < V)).unsqueeze(-1)
-        grad.scatter_add_(-1, y.clamp(0, V - 1).unsqueeze(-1), torch.where(owned, c, 0.0))
+        grad.scatter_(-1, col, torch.where(owned, target, grad.gather(-1, col)))
         grad = grad * inv_t
         grad_out[rows // T, rows % T] = grad.to(grad_out.dtype)

@@ -116,7 +116,11 @@ def _offsets(cu_seqlens: torch.Tensor, N: int, device: torch.device) -> tuple[to
         bad = bad | (cu.diff() < 0).any()
     invalid = _flag(bad, f"cu_seqlens must start at 0, never decrease and end at N = {N}; got "
                          f"{cu_seqlens.tolist() if eager_cpu(cu) and cu.numel() <= 16 else 'other values'}", None)
+    # Whatever the values, offsets that start at 0, end at N and never decrease: every later
+    # op stays in bounds, and the loss carries the NaN flag above if they were not as given.
     safe = torch.cummax(cu.clamp(0, N), 0).values
+    if safe.numel() > 1:
+        safe = torch.cat([safe.new_zeros(1), safe[1:-1], safe.new_full((1,), N)])
     return safe, invalid
 
 
@@ -142,11 +146,16 @@ class Tokens:
     sampling_logprobs: torch.Tensor | None
     temperature: float | torch.Tensor
     invalid: torch.Tensor | None
+    advantages_per_seq: bool = False
+    rollout_per_seq: bool = False
 
     def per_seq(self, t: torch.Tensor | None) -> bool:
-        """Whether an advantages / rollout_is_ratio tensor holds one value per sequence."""
-        return t is not None and t.shape[0] == self.layout.num_seqs and self.layout.seq_len != 1 \
-            and t.shape[0] != self.layout.num_rows
+        """Whether `t` (tokens.advantages or tokens.rollout_is_ratio) holds one value per sequence."""
+        if t is None:
+            return False
+        if t is self.advantages:
+            return self.advantages_per_seq
+        return t is self.rollout_is_ratio and self.rollout_per_seq
 
 
 def _layout_of(completion_ids: torch.Tensor, cu_seqlens: torch.Tensor | None) -> tuple[Layout, torch.Tensor | None]:
@@ -206,19 +215,21 @@ def check_ids(ids: torch.Tensor, V: int) -> None:
 
 def _per_token(name: str, t: torch.Tensor | None, layout: Layout, device: torch.device, *, per_seq: bool = False,
                floating: bool = True) -> torch.Tensor | None:
-    """A per-token (or, with per_seq, per-sequence) argument checked and made flat.
+    """A per-token (or, with per_seq, per-sequence) argument checked and made flat;
+    returns (flat tensor, whether it is per sequence).
 
-    Packed with S == N (every sequence one row, or an ambiguous split), an (N,) tensor is
-    taken per token; per-sequence values then coincide with per-token ones wherever the
-    split is one row per sequence."""
+    (S, 1) is always per sequence. A 1-D tensor of N values is per token, also when S == N
+    on the packed layout (pass (S, 1) there for per-sequence values)."""
     if t is None:
-        return None
+        return None, False
     shapes = [layout.shape]
     S = layout.num_seqs
     if per_seq:
-        shapes += [(S,), (S, 1)] if not layout.packed else [(S,)]
+        shapes += [(S,), (S, 1)]
     check_tensor(name, t, tuple(shapes), device, floating=floating)
-    return t.reshape(-1)
+    seq = per_seq and tuple(t.shape) in ((S,), (S, 1)) and tuple(t.shape) != layout.shape \
+        and not (t.dim() == 1 and t.shape[0] == layout.num_rows)
+    return t.reshape(-1), seq
 
 
 def build_tokens(
@@ -250,12 +261,12 @@ def build_tokens(
     o = options
     if needs_advantages and advantages is None:
         raise ValueError("advantages is required, shape (B,) or (B, T) (packed: (S,) or (N,))")
-    adv = _per_token("advantages", advantages, layout, device, per_seq=True)
-    mask = _per_token("completion_mask", completion_mask, layout, device, floating=False)
-    old = _per_token("old_logprobs", old_logprobs, layout, device)
-    ref = _per_token("ref_logprobs", ref_logprobs, layout, device)
-    sampling = _per_token("sampling_logprobs", sampling_logprobs, layout, device)
-    rollout = _per_token("rollout_is_ratio", rollout_is_ratio, layout, device, per_seq=True)
+    adv, adv_per_seq = _per_token("advantages", advantages, layout, device, per_seq=True)
+    mask, _ = _per_token("completion_mask", completion_mask, layout, device, floating=False)
+    old, _ = _per_token("old_logprobs", old_logprobs, layout, device)
+    ref, _ = _per_token("ref_logprobs", ref_logprobs, layout, device)
+    sampling, _ = _per_token("sampling_logprobs", sampling_logprobs, layout, device)
+    rollout, rollout_per_seq = _per_token("rollout_is_ratio", rollout_is_ratio, layout, device, per_seq=True)
     if o.beta != 0.0 and ref is None:
         raise ValueError("ref_logprobs (B, T) is required when beta != 0")
     if o.loss_type == "vespo" and rollout is not None and rollout.numel() != layout.num_rows:
@@ -278,5 +289,6 @@ def build_tokens(
 
     detach = lambda t: None if t is None else t.detach()  # noqa: E731
     active = None if mask is None else mask != 0
-    return Tokens(layout, ids, mask, active, detach(adv), detach(old), detach(ref), detach(rollout),
-                  detach(sampling), temperature, invalid)
+    adv, rollout = detach(adv), detach(rollout)
+    return Tokens(layout, ids, mask, active, adv, detach(old), detach(ref), rollout, detach(sampling), temperature,
+                  invalid, adv_per_seq, rollout_per_seq)

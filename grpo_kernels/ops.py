@@ -175,7 +175,7 @@ def _vocab(logits: Tensor, tp_group, vocab_start: int | None) -> tuple[int, int]
         return 0, V
     from .distributed import shard_bounds
 
-    return shard_bounds(V, vocab_start, tp_group, logits.device)
+    return shard_bounds(V, vocab_start, tp_group, logits.device, logits.dtype)
 
 
 def token_logprobs(

@@ -201,7 +201,7 @@ def _vocab(weight: Tensor, tp_group, vocab_start: int | None) -> tuple[int, int]
         return 0, V
     from ..distributed import shard_bounds
 
-    return shard_bounds(V, vocab_start, tp_group, weight.device)
+    return shard_bounds(V, vocab_start, tp_group, weight.device, weight.dtype)
 
 
 def _prepare(hidden, weight, bias, completion_ids, advantages, mask, old, ref, rollout, sampling, cu_seqlens, o,
@@ -210,7 +210,11 @@ def _prepare(hidden, weight, bias, completion_ids, advantages, mask, old, ref, r
     hidden, weight, bias = _autocast(hidden, weight, bias)
     tokens = build_tokens(completion_ids, advantages, mask, old, ref, rollout, sampling, cu_seqlens, o,
                           needs_advantages=needs_advantages)
-    if not sequence_parallel:
+    if sequence_parallel:  # hidden holds this rank's N / TP rows (distributed.local_rows_layout)
+        from ..distributed import local_rows_layout
+
+        check_linear(hidden, weight, bias, local_rows_layout(hidden, tokens.layout, tp_group))
+    else:
         check_linear(hidden, weight, bias, tokens.layout)
     start, V = _vocab(weight, tp_group, vocab_start)
     check_ids(tokens.ids, V)

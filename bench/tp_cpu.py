@@ -28,6 +28,8 @@ import torch.multiprocessing as mp
 
 
 def _commit() -> str:
+    if os.environ.get("GRPO_BENCH_COMMIT"):  # e.g. when run from an exported tree
+        return os.environ["GRPO_BENCH_COMMIT"]
     here = os.path.dirname(os.path.abspath(__file__))
     try:
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,

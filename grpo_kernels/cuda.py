@@ -18,7 +18,8 @@ from types import ModuleType
 import torch
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-CSRC = Path(__file__).resolve().parent.parent / "csrc"
+# Where the CUDA sources are: shipped as package data (grpo_kernels/csrc/, in a wheel), else the checkout's csrc/.
+CSRC_DIRS = (Path(__file__).resolve().parent / "csrc", Path(__file__).resolve().parent.parent / "csrc")
 SOURCES = ("binding.cpp", "grpo_sweep.cu")
 # The JIT build targets the visible GPU (torch's default, or TORCH_CUDA_ARCH_LIST);
 # setup.py builds for sm_80 and sm_90 with the same optimisation flags.
@@ -43,13 +44,19 @@ def _load() -> tuple[ModuleType | None, str]:
     return _jit_build(prebuilt)
 
 
+def source_dir() -> Path | None:
+    """The first of CSRC_DIRS that holds every file of SOURCES, or None."""
+    return next((d for d in CSRC_DIRS if all((d / name).is_file() for name in SOURCES)), None)
+
+
 def _jit_build(prebuilt: str) -> tuple[ModuleType | None, str]:
     """Compiles csrc/ with torch.utils.cpp_extension.load, or says why it cannot."""
     if os.environ.get("GRPO_KERNELS_NO_JIT") == "1":
         return None, f"{prebuilt}, and GRPO_KERNELS_NO_JIT=1 forbids compiling csrc/ on first use"
-    missing = [name for name in SOURCES if not (CSRC / name).is_file()]
-    if missing:
-        return None, f"{prebuilt}, and the sources to compile are missing: {', '.join(str(CSRC / m) for m in missing)}"
+    csrc = source_dir()
+    if csrc is None:
+        return None, (f"{prebuilt}, and the sources to compile ({', '.join(SOURCES)}) are in none of "
+                      f"{', '.join(str(d) for d in CSRC_DIRS)}")
     from torch.utils import cpp_extension
 
     nvcc = shutil.which("nvcc") or (cpp_extension.CUDA_HOME and shutil.which("nvcc", path=str(
@@ -62,7 +69,7 @@ def _jit_build(prebuilt: str) -> tuple[ModuleType | None, str]:
     try:
         module = cpp_extension.load(
             name="grpo_kernels_C_sweep",
-            sources=[str(CSRC / name) for name in SOURCES],
+            sources=[str(csrc / name) for name in SOURCES],
             extra_cflags=CXX_FLAGS,
             extra_cuda_cflags=NVCC_FLAGS,
             verbose=os.environ.get("GRPO_KERNELS_VERBOSE_BUILD") == "1",

@@ -21,8 +21,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
-from .options import GRPOOptions, check_tensor
+from .options import GRPOOptions, _has_shape, check_tensor, sizes_match
 
 
 @dataclass(frozen=True, eq=False)
@@ -87,8 +88,8 @@ class _SeqExpand(torch.autograd.Function):
 
 
 def eager_cpu(t: torch.Tensor) -> bool:
-    """Whether a value check may look at t's values: a CPU tensor, outside torch.compile's tracing."""
-    return t.device.type == "cpu" and not torch.compiler.is_compiling()
+    """Whether a value check may look at t's values: a real CPU tensor, outside torch.compile's tracing."""
+    return t.device.type == "cpu" and not torch.compiler.is_compiling() and not is_fake(t)
 
 
 def _flag(bad: torch.Tensor, message: str, invalid: torch.Tensor | None) -> torch.Tensor | None:
@@ -181,13 +182,13 @@ def check_rows(name: str, t: torch.Tensor, layout: Layout, last: str) -> int:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     N = layout.num_rows
-    if layout.packed:
-        allowed = ((N,), (1, N))
-        want = f"(N, {last}) or (1, N, {last}) with N = {N}"
-    else:
-        allowed = ((N,), (layout.num_seqs, layout.seq_len))
-        want = f"(B, T, {last}) = ({layout.num_seqs}, {layout.seq_len}, {last}) or (N, {last}) with N = {N}"
-    if t.dim() not in (2, 3) or tuple(t.shape[:-1]) not in allowed:
+    allowed = ((N,), (1, N)) if layout.packed else ((N,), (layout.num_seqs, layout.seq_len))
+    if t.dim() not in (2, 3) or not sizes_match(tuple(t.shape[:-1]), allowed):
+        # (The message is formatted only here: formatting sizes would specialise them under torch.compile.)
+        if layout.packed:
+            want = f"(N, {last}) or (1, N, {last}) with N = {N}"
+        else:
+            want = f"(B, T, {last}) = ({layout.num_seqs}, {layout.seq_len}, {last}) or (N, {last}) with N = {N}"
         raise ValueError(f"{name} must have shape {want} to match completion_ids, got {tuple(t.shape)}")
     if t.shape[-1] < 1:
         raise ValueError(f"{name} must have a last dimension {last} of at least 1")
@@ -227,8 +228,7 @@ def _per_token(name: str, t: torch.Tensor | None, layout: Layout, device: torch.
     if per_seq:
         shapes += [(S,), (S, 1)]
     check_tensor(name, t, tuple(shapes), device, floating=floating)
-    seq = per_seq and tuple(t.shape) in ((S,), (S, 1)) and tuple(t.shape) != layout.shape \
-        and not (t.dim() == 1 and t.shape[0] == layout.num_rows)
+    seq = per_seq and _has_shape(t, ((S,), (S, 1))) and not _has_shape(t, (layout.shape, (layout.num_rows,)))
     return t.reshape(-1), seq
 
 

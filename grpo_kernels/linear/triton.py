@@ -143,7 +143,7 @@ def _linear_fwd_kernel(
                          HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION)
         m, s, u = online_softmax_step(m, s, u, z, 1)
         # The target logit from the very tile the statistics saw, so logprob and p_y agree.
-        z_y += tl.sum(tl.where(cols[None, :] == y[:, None], z, 0.0), axis=1)
+        z_y += tl.sum(tl.where((cols[None, :] == y[:, None]) & (cols[None, :] < v_end), z, 0.0), axis=1)
 
     # V (and so num_chunks) may be a compile-time 1; N never is.
     plane = N.to(tl.int64) * num_chunks
@@ -512,7 +512,9 @@ def backward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
     last = triton.cdiv(V, chunk) - 1
     for i, (v_begin, v_end) in enumerate(vocab_chunks(V, chunk)):
-        kernel, grid, args, meta = dz_launch(hidden, weight, bias, ids, temperature, active, m, log_sum, mean_rel,
+        # Inactive rows have c = e = 0 (the loss weighs them by a zero mask), so their dz is 0
+        # without a row-mask load, which spills the 16-bit dz tile on sm_80.
+        kernel, grid, args, meta = dz_launch(hidden, weight, bias, ids, temperature, None, m, log_sum, mean_rel,
                                              grad_logprobs, grad_entropy, dz, bias_partial, v_begin, config,
                                              vocab_start)
         kernel[grid](*args, **meta)

@@ -104,23 +104,35 @@ def require(device: torch.device) -> None:
     _module()
 
 
-def _check_supported(logits: torch.Tensor) -> None:
+def _check_supported(logits: torch.Tensor, temperature: float | torch.Tensor) -> tuple[float, torch.Tensor | None]:
+    """Rejects what csrc/ cannot run; returns the binding's (temperature, temperature_per_row)."""
     if logits.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"backend='cuda' takes float32, bfloat16 or float16 logits, got {logits.dtype}")
+    if isinstance(temperature, torch.Tensor):
+        return 1.0, temperature  # one per row; the scalar is then unused
+    return float(temperature), None
 
 
-def forward(logits: torch.Tensor, ids: torch.Tensor, temperature: float):
-    """logits (B, T, V), ids (B, T) -> logprobs, entropy, lse, mean_z, each (B, T) fp32."""
+def forward(logits: torch.Tensor, ids: torch.Tensor, temperature: float | torch.Tensor,
+            active: torch.Tensor | None, vocab_start: int = 0, partial: bool = False):
+    """logits (B, T, V), ids (N,) global ids (N = B * T), temperature a float or (N,), active
+    (N,) bool or None -> logprobs, entropy, m, log_sum, mean_rel: five (N,) fp32 tensors."""
+    if partial:
+        raise NotImplementedError("backend='cuda' has no vocab-parallel (partial) sweep; use backend='triton' "
+                                  "or 'torch' with tp_group")
     module = _module()
-    _check_supported(logits)
-    logprobs, entropy, lse, mean_z = module.forward(logits, ids, float(temperature))
-    return logprobs, entropy, lse, mean_z
+    scalar, per_row = _check_supported(logits, temperature)
+    logprobs, entropy, m, log_sum, mean_rel = module.forward(logits, ids, scalar, per_row, active, int(vocab_start))
+    return logprobs, entropy, m, log_sum, mean_rel
 
 
-def backward(logits: torch.Tensor, ids: torch.Tensor, temperature: float, lse: torch.Tensor,
-             mean_z: torch.Tensor, grad_logprobs: torch.Tensor | None, grad_entropy: torch.Tensor | None,
-             grad_out: torch.Tensor) -> None:
-    """Writes dL/dlogits into grad_out (B, T, V), which may be the logits themselves."""
+def backward(logits: torch.Tensor, ids: torch.Tensor, temperature: float | torch.Tensor,
+             active: torch.Tensor | None, m: torch.Tensor, log_sum: torch.Tensor, mean_rel: torch.Tensor,
+             grad_logprobs: torch.Tensor | None, grad_entropy: torch.Tensor | None, grad_out: torch.Tensor,
+             vocab_start: int = 0) -> None:
+    """Writes dL/dlogits into every element of grad_out (B, T, V), which may be the logits
+    themselves; inactive rows get 0."""
     module = _module()
-    _check_supported(logits)
-    module.backward(logits, ids, float(temperature), lse, mean_z, grad_logprobs, grad_entropy, grad_out)
+    scalar, per_row = _check_supported(logits, temperature)
+    module.backward(logits, ids, scalar, per_row, active, m, log_sum, mean_rel, grad_logprobs, grad_entropy,
+                    grad_out, int(vocab_start))

@@ -1,5 +1,6 @@
 """The CUDA C++ sweep (csrc/, grpo_kernels.cuda): how it reports itself where it cannot run,
-and, on a GPU, its forward and backward against float64 PyTorch.
+and, on a GPU, its forward and backward (the backend sweep contract of docs/design.md)
+against float64 PyTorch formulas written here.
 
 Without a GPU only the first group runs; the second skips with the reason the backend gives
 (CPU torch, no device, no nvcc, or the compiler's error). csrc/compile_check.sh is what
@@ -14,10 +15,7 @@ import pytest
 import torch
 
 import grpo_kernels
-from grpo_kernels import cuda, reference
-
-TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
-
+from grpo_kernels import cuda
 
 # --- Where the backend cannot run ------------------------------------------------------------
 
@@ -36,18 +34,18 @@ def test_unavailable_without_cuda_says_why():
     reason = cuda.unavailable_reason()
     assert "CPU build" in reason or "no CUDA device" in reason, reason
 
-    logits, ids = torch.randn(2, 3, 5), torch.zeros(2, 3, dtype=torch.long)
+    logits, ids = torch.randn(2, 3, 5), torch.zeros(6, dtype=torch.long)
     message = re.escape(f"backend='cuda' is not available: {reason}")
     with pytest.raises(RuntimeError, match=message):
-        cuda.forward(logits, ids, 1.0)
+        cuda.forward(logits, ids, 1.0, None)
+    stats = torch.zeros(6), torch.zeros(6), torch.zeros(6)
     with pytest.raises(RuntimeError, match=message):
-        cuda.backward(logits, ids, 1.0, torch.zeros(2, 3), torch.zeros(2, 3), torch.ones(2, 3), None,
-                      torch.empty_like(logits))
-    # Through the public entry points, which dispatch backend="cuda" here.
+        cuda.backward(logits, ids, 1.0, None, *stats, torch.ones(6), None, torch.empty_like(logits))
+    # Through the public entry points, which dispatch backend="cuda" here (padded (B, T) ids).
     with pytest.raises(RuntimeError, match="backend='cuda'"):
-        grpo_kernels.token_logprobs(logits, ids, backend="cuda")
+        grpo_kernels.token_logprobs(logits, ids.view(2, 3), backend="cuda")
     with pytest.raises(RuntimeError, match="backend='cuda'"):
-        grpo_kernels.fused_grpo_loss(logits, ids, torch.randn(2), backend="cuda")
+        grpo_kernels.fused_grpo_loss(logits, ids.view(2, 3), torch.randn(2), backend="cuda")
 
 
 def test_reason_cpu_build_of_torch(monkeypatch, fresh_load):
@@ -95,7 +93,19 @@ def test_require_rejects_cpu_tensors():
         cuda.require(torch.device("cpu"))
 
 
+def test_no_partial_sweep():
+    """The vocab-parallel partial sweep is the Triton and torch backends' (tp_group); said
+    before anything else, GPU or not."""
+    logits, ids = torch.randn(2, 3, 5), torch.zeros(6, dtype=torch.long)
+    with pytest.raises(NotImplementedError, match="no vocab-parallel"):
+        cuda.forward(logits, ids, 1.0, None, vocab_start=5, partial=True)
+
+
 # --- On a GPU: the sweep against float64 PyTorch -----------------------------------------------
+#
+# Contract (docs/design.md): logits (B, T, V) with row r = logits[r // T, r % T]; ids (N,)
+# global ids, N = B * T; temperature a float or (N,) fp32; active (N,) bool or None;
+# forward -> logprobs, entropy, m, log_sum, mean_rel, each (N,) fp32.
 
 
 @pytest.fixture(scope="module")
@@ -104,6 +114,9 @@ def device():
     if not cuda.is_available():
         pytest.skip(f"backend='cuda' is not available: {cuda.unavailable_reason()}")
     return torch.device("cuda")
+
+
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 
 
 def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -123,27 +136,87 @@ def make_logits(B, T, V, dtype, device, seed, layout="sliced", scale=3.0):
     return full[:, :T, extra_v:]
 
 
-def reference_sweep(logits, ids, temperature, grad_logprobs, grad_entropy):
-    """Float64 logprobs, entropy and dL/dlogits of L = sum(gl * logprobs + ge * entropy)."""
-    x = logits.detach().double().requires_grad_()
-    logprobs, entropy = reference.token_logprobs(x, ids, temperature)
-    loss = (0.0 if grad_logprobs is None else (grad_logprobs.double() * logprobs).sum())
+def rows(t: torch.Tensor) -> torch.Tensor:
+    """(B, T, V) -> (N, V), row r = t[r // T, r % T] (a copy where a view is impossible)."""
+    return t.reshape(-1, t.shape[-1])
+
+
+def set_rows(t: torch.Tensor, which: torch.Tensor, value: float) -> None:
+    """t[r // T, r % T] = value for the rows r in `which` (bool (N,)), through any view."""
+    r = which.nonzero()[:, 0]
+    t[r // t.shape[1], r % t.shape[1]] = value
+
+
+def _per_row(temperature, n, device) -> torch.Tensor:
+    if isinstance(temperature, torch.Tensor):
+        return temperature.double()
+    return torch.full((n,), float(temperature), dtype=torch.float64, device=device)
+
+
+def reference_sweep(logits, ids, temperature, active=None, vocab_start=0, grad_logprobs=None,
+                    grad_entropy=None):
+    """The contract in float64: (logprobs, entropy, m, log_sum, mean_rel) (N,) each, and
+    dL/dlogits (B, T, V) of L = sum(gl * lp + ge * H), where lp = (z_y - lse) with the z_y
+    term only where this shard owns y (the backward's onehot); inactive rows give 0 and no
+    gradient, whatever their logits, ids or temperature hold."""
+    n, V = logits.shape[0] * logits.shape[1], logits.shape[2]
+    act = torch.ones(n, dtype=torch.bool, device=logits.device) if active is None else active
+    x = rows(logits.detach()).double().requires_grad_()
+    t = torch.where(act, _per_row(temperature, n, logits.device), 1.0)
+    z = torch.where(act[:, None], x / t[:, None], 0.0)
+    logp = torch.log_softmax(z, dim=-1)
+    p = logp.exp()
+    m = z.max(-1).values
+    log_sum = torch.logsumexp(z - m[:, None].detach(), -1)
+    mean_rel = (p * torch.where(p > 0, z - m[:, None], 0.0)).sum(-1)
+    entropy = -(p * torch.where(p > 0, logp, 0.0)).sum(-1)  # a -inf logit adds 0 (and no NaN gradient)
+    col = ids - vocab_start
+    inside = (col >= 0) & (col < V) & act
+    z_y = z.gather(-1, col.clamp(0, V - 1)[:, None])[:, 0]
+    lse = torch.logsumexp(z, -1)
+    logprobs = torch.where(inside, z_y - lse, torch.nan)
+    loss = (z * 0.0).sum()  # a graph even without upstream gradients (then dL/dlogits = 0)
+    if grad_logprobs is not None:
+        loss = loss + (grad_logprobs.double() * torch.where(act, torch.where(inside, z_y, 0.0) - lse, 0.0)).sum()
     if grad_entropy is not None:
-        loss = loss + (grad_entropy.double() * entropy).sum()
+        loss = loss + (grad_entropy.double() * torch.where(act, entropy, 0.0)).sum()
     (grad,) = torch.autograd.grad(loss, x)
-    return logprobs.detach(), entropy.detach(), grad
+    out = [torch.where(act, v, 0.0).detach() for v in (logprobs, entropy, m, log_sum, mean_rel)]
+    return (*out, grad.reshape(logits.shape))
 
 
-def check_forward(logits, ids, temperature, out):
-    logprobs, entropy, lse, mean_z = out
-    want_l, want_h = reference.token_logprobs(logits.double(), ids, temperature)
-    z = logits.double() / temperature
-    want_lse = torch.logsumexp(z, -1)
+def check_forward(logits, ids, temperature, out, active=None, vocab_start=0):
+    want = reference_sweep(logits, ids, temperature, active, vocab_start)[:5]
+    act = torch.ones_like(ids, dtype=torch.bool) if active is None else active
+    t = _per_row(temperature, ids.numel(), ids.device)[act]
+    t_min = float(t.min()) if t.numel() else 1.0
     # fp32 math on the same rounded inputs: the error is absolute, in units of the largest |z|.
-    atol = 4e-6 * (1 + float(z.abs().max()))
-    for got, want in ((logprobs, want_l), (entropy, want_h), (lse, want_lse), (mean_z, want_lse - want_h)):
-        assert got.dtype == torch.float32 and got.shape == ids.shape
-        assert (got.double() - want).abs().max().item() <= atol
+    x = rows(logits).double()[act]
+    finite = x[torch.isfinite(x)]
+    atol = 4e-6 * (1 + float(finite.abs().max() if finite.numel() else 0.0) / t_min)
+    names = ("logprobs", "entropy", "m", "log_sum", "mean_rel")
+    for name, got, w in zip(names, out, want):
+        assert got.dtype == torch.float32 and got.shape == ids.shape, name
+        assert torch.equal(torch.isnan(got), torch.isnan(w)), name
+        ok = ~torch.isnan(w)
+        assert (got.double()[ok] - w[ok]).abs().max().item() <= atol, name
+    # Each its own allocation, not views of one buffer.
+    assert len({o.untyped_storage().data_ptr() for o in out}) == 5
+    return want
+
+
+def run_backward(logits, ids, temperature, active, out, gl, ge, vocab_start=0, grad=None):
+    """cuda.backward into a NaN-poisoned buffer (every element must be written)."""
+    if grad is None:
+        grad = torch.full(logits.shape, float("nan"), dtype=logits.dtype, device=logits.device)
+    _, _, m, log_sum, mean_rel = out
+    cuda.backward(logits, ids, temperature, active, m, log_sum, mean_rel, gl, ge, grad, vocab_start)
+    return grad
+
+
+def row_temperatures(n, device, seed):
+    g = torch.Generator(device=device).manual_seed(seed)
+    return 0.5 + torch.rand(n, generator=g, device=device)  # (N,) fp32 in [0.5, 1.5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -151,63 +224,192 @@ def check_forward(logits, ids, temperature, out):
 @pytest.mark.parametrize("layout", ["contiguous", "sliced", "shifted"])
 def test_sweep_matches_float64(device, dtype, V, layout):
     B, T = 3, 5
-    for seed, (temperature, entropy_grad) in enumerate([(1.0, False), (0.7, True), (1.3, True)]):
+    n = B * T
+    cases = [(1.0, False, True), (0.7, True, True), ("per-row", True, True), (1.3, True, False)]
+    for seed, (temperature, entropy_grad, logprob_grad) in enumerate(cases):
         logits = make_logits(B, T, V, dtype, device, seed, layout)
         g = torch.Generator(device=device).manual_seed(seed + 100)
-        ids = torch.randint(0, V, (B, T), generator=g, device=device)
-        gl = torch.randn(B, T, generator=g, device=device)
-        ge = torch.randn(B, T, generator=g, device=device) if entropy_grad else None
+        if temperature == "per-row":
+            temperature = row_temperatures(n, device, seed)
+        ids = torch.randint(0, V, (n,), generator=g, device=device)
+        gl = torch.randn(n, generator=g, device=device) if logprob_grad else None
+        ge = torch.randn(n, generator=g, device=device) if entropy_grad else None
 
-        out = cuda.forward(logits, ids, temperature)
+        out = cuda.forward(logits, ids, temperature, None)
         check_forward(logits, ids, temperature, out)
 
-        _, _, want_grad = reference_sweep(logits, ids, temperature, gl, ge)
-        grad = torch.full(logits.shape, float("nan"), dtype=dtype, device=device)  # poison: all must be written
-        _, _, lse, mean_z = out
-        cuda.backward(logits, ids, temperature, lse, mean_z, gl, ge, grad)
+        want_grad = reference_sweep(logits, ids, temperature, None, 0, gl, ge)[5]
+        grad = run_backward(logits, ids, temperature, None, out, gl, ge)
         assert torch.isfinite(grad).all()
         assert rel_err(grad, want_grad) < TOL[dtype]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("layout", ["contiguous", "sliced", "shifted"])
+@pytest.mark.parametrize("per_row_temperature", [False, True])
+def test_inactive_rows_are_never_read(device, dtype, layout, per_row_temperature):
+    """Inactive rows hold NaN logits, garbage ids and (per row) a zero temperature: their five
+    outputs are exactly 0 and their gradient rows exactly 0 (grad_out poisoned with NaN first,
+    and in place); active rows are unaffected."""
+    B, T, V = 3, 7, 4099
+    n = B * T
+    logits = make_logits(B, T, V, dtype, device, seed=11, layout=layout)
+    g = torch.Generator(device=device).manual_seed(12)
+    ids = torch.randint(0, V, (n,), generator=g, device=device)
+    active = torch.rand(n, generator=g, device=device) < 0.6
+    active[0], active[-1] = False, True
+    temperature = row_temperatures(n, device, 13) if per_row_temperature else 0.8
+    set_rows(logits, ~active, float("nan"))
+    ids[~active] = -(10**15)
+    if per_row_temperature:
+        temperature[~active] = 0.0
+    gl, ge = torch.randn(n, generator=g, device=device), torch.randn(n, generator=g, device=device)
+
+    out = cuda.forward(logits, ids, temperature, active)
+    check_forward(logits, ids, temperature, out, active)
+    for o in out:
+        assert (o[~active] == 0).all()
+
+    want_grad = reference_sweep(logits, ids, temperature, active, 0, gl, ge)[5]
+    grad = run_backward(logits, ids, temperature, active, out, gl, ge)
+    assert (rows(grad)[~active] == 0).all()
+    assert torch.isfinite(rows(grad)[active]).all()
+    assert rel_err(rows(grad)[active], rows(want_grad)[active]) < TOL[dtype]
+
+    run_backward(logits, ids, temperature, active, out, gl, ge, grad=logits)  # in place
+    assert torch.equal(logits, grad)
+
+    # All rows inactive: all outputs 0, the whole gradient 0.
+    none = torch.zeros(n, dtype=torch.bool, device=device)
+    out = cuda.forward(logits, ids, temperature, none)
+    assert all((o == 0).all() for o in out)
+    assert (run_backward(logits, ids, temperature, none, out, gl, ge) == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_per_token_temperature(device, dtype):
+    """One temperature per row: each row as if swept alone at its own temperature."""
+    B, T, V = 2, 6, 5003
+    n = B * T
+    logits = make_logits(B, T, V, dtype, device, seed=21)
+    ids = torch.randint(0, V, (n,), device=device)
+    temperature = row_temperatures(n, device, 22)
+    gl, ge = torch.randn(n, device=device), torch.randn(n, device=device)
+    out = cuda.forward(logits, ids, temperature, None)
+    check_forward(logits, ids, temperature, out)
+    grad = run_backward(logits, ids, temperature, None, out, gl, ge)
+    assert rel_err(grad, reference_sweep(logits, ids, temperature, None, 0, gl, ge)[5]) < TOL[dtype]
+    # Row by row with the scalar temperature: the same numbers.
+    for r in (0, 7, n - 1):
+        b, t = divmod(r, T)
+        one = cuda.forward(logits[b:b + 1, t:t + 1], ids[r:r + 1], float(temperature[r]), None)
+        for a, o in zip(out, one):
+            assert torch.allclose(a[r], o[0], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_vocab_start(device, dtype):
+    """A shard whose column 0 is global id vocab_start: ids inside map to column y - vocab_start,
+    ids outside (below, above, far away) give a NaN logprob and no onehot; with the full row's
+    statistics the shard's backward is that slice of the full row's gradient."""
+    B, T, V, vocab_start, shard = 2, 8, 3001, 1000, 1201
+    n = B * T
+    full = make_logits(B, T, V, dtype, device, seed=31)
+    logits = full[..., vocab_start:vocab_start + shard]
+    g = torch.Generator(device=device).manual_seed(32)
+    ids = torch.randint(vocab_start, vocab_start + shard, (n,), generator=g, device=device)
+    ids[::4] = torch.randint(0, vocab_start, (len(ids[::4]),), generator=g, device=device)  # below
+    ids[1::4] = vocab_start + shard  # just past the end
+    ids[2::8] = -1
+    ids[3::8] = 2**62
+    inside = (ids >= vocab_start) & (ids < vocab_start + shard)
+    assert inside.any() and (~inside).any()
+    gl, ge = torch.randn(n, generator=g, device=device), torch.randn(n, generator=g, device=device)
+
+    out = cuda.forward(logits, ids, 0.9, None, vocab_start=vocab_start)
+    check_forward(logits, ids, 0.9, out, None, vocab_start)
+    assert torch.isnan(out[0][~inside]).all() and torch.isfinite(out[0][inside]).all()
+    assert all(torch.isfinite(o).all() for o in out[1:])
+    grad = run_backward(logits, ids, 0.9, None, out, gl, ge, vocab_start)
+    assert torch.isfinite(grad).all()
+    assert rel_err(grad, reference_sweep(logits, ids, 0.9, None, vocab_start, gl, ge)[5]) < TOL[dtype]
+
+    # Tensor parallelism's backward: the full row's m, log_sum, mean_rel, this shard's columns.
+    whole = cuda.forward(full, ids, 0.9, None)
+    want = run_backward(full, ids, 0.9, None, whole, gl, ge)[..., vocab_start:vocab_start + shard]
+    got = run_backward(logits, ids, 0.9, None, whole, gl, ge, vocab_start)
+    assert rel_err(got, want) < (1e-6 if dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.parametrize("scale", [50.0, 200.0])
+@pytest.mark.parametrize("V", [1000, 32_000])
+def test_confident_tokens_keep_fp32_precision(device, scale, V):
+    """Large logits (|z| ~ 10 * scale): logprobs and entropies at most twice as far from
+    float64 as eager fp32 torch.log_softmax's, for ids = argmax (logprob ~ 0: (z_y - m) is
+    exactly 0, so only log_sum's fp32 error is left, where z_y - lse with a rounded lse would
+    lose eps * |lse| ~ 1e-4) and for random ids. Errors are relative to max(1, |value|), plus
+    2^-24 (half an ulp of 1) for the kernel's approximate exp2."""
+    T = 256
+    g = torch.Generator(device=device).manual_seed(int(scale) + V)
+    logits = torch.randn(1, T, V, generator=g, device=device) * scale + 10 * scale
+
+    def err(got, want):
+        return ((got.double() - want) / want.abs().clamp(min=1.0)).abs().max().item()
+
+    want_logp = torch.log_softmax(logits[0].double(), -1)
+    want_h = -(want_logp.exp() * want_logp).sum(-1)
+    eager_logp = torch.log_softmax(logits[0], -1)
+    eager_h = -(eager_logp.exp() * eager_logp).sum(-1)
+    for ids in (logits[0].argmax(-1), torch.randint(0, V, (T,), generator=g, device=device)):
+        logprobs, entropy, _, _, _ = cuda.forward(logits, ids, 1.0, None)
+        want = want_logp.gather(-1, ids[:, None])[:, 0]
+        eager = eager_logp.gather(-1, ids[:, None])[:, 0]
+        assert err(logprobs, want) <= 2 * err(eager, want) + 2**-24, (err(logprobs, want), err(eager, want))
+        assert err(entropy, want_h) <= 2 * err(eager_h, want_h) + 2**-24, (err(entropy, want_h), err(eager_h, want_h))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["contiguous", "sliced", "shifted"])
 def test_in_place_backward(device, dtype, layout):
-    """grad_out aliasing the logits (inplace_backward): same values as a separate buffer."""
+    """grad_out is the logits themselves (inplace_backward): same values as a separate buffer."""
     B, T, V = 2, 4, 4099
+    n = B * T
     logits = make_logits(B, T, V, dtype, device, seed=1, layout=layout)
-    ids = torch.randint(0, V, (B, T), device=device)
-    gl, ge = torch.randn(B, T, device=device), torch.randn(B, T, device=device)
-    _, _, lse, mean_z = cuda.forward(logits, ids, 0.9)
-    separate = torch.empty(logits.shape, dtype=dtype, device=device)
-    cuda.backward(logits, ids, 0.9, lse, mean_z, gl, ge, separate)
-    cuda.backward(logits, ids, 0.9, lse, mean_z, gl, ge, logits)  # in place
+    ids = torch.randint(0, V, (n,), device=device)
+    gl, ge = torch.randn(n, device=device), torch.randn(n, device=device)
+    temperature = row_temperatures(n, device, 2)
+    out = cuda.forward(logits, ids, temperature, None)
+    separate = run_backward(logits, ids, temperature, None, out, gl, ge)
+    run_backward(logits, ids, temperature, None, out, gl, ge, grad=logits)  # in place
     assert torch.equal(logits, separate)
 
 
 def test_optional_upstream_gradients_and_their_layouts(device):
-    """grad_logprobs may be None (entropy only); (B, T) inputs may be float64, expanded or int32 ids."""
+    """grad_logprobs may be None (entropy only), or both; per-row inputs may be float64,
+    strided, or int32 ids: the binding converts them."""
     B, T, V = 2, 3, 257
+    n = B * T
     logits = make_logits(B, T, V, torch.float32, device, seed=5)
-    ids = torch.randint(0, V, (B, T), device=device, dtype=torch.int32)
-    ge = torch.randn(B, 1, device=device, dtype=torch.float64).expand(B, T)
-    _, _, lse, mean_z = cuda.forward(logits, ids, 1.0)
-    grad = torch.empty(logits.shape, device=device)
-    cuda.backward(logits, ids, 1.0, lse, mean_z, None, ge, grad)
-    _, _, want = reference_sweep(logits, ids.long(), 1.0, None, ge)
-    assert rel_err(grad, want) < 1e-5
+    ids = torch.randint(0, V, (n,), device=device, dtype=torch.int32)
+    ge = torch.randn(2 * n, device=device, dtype=torch.float64)[::2]
+    out = cuda.forward(logits, ids, 1.0, None)
+    grad = run_backward(logits, ids, 1.0, None, out, None, ge)
+    assert rel_err(grad, reference_sweep(logits, ids.long(), 1.0, None, 0, None, ge)[5]) < 1e-5
+    assert (run_backward(logits, ids, 1.0, None, out, None, None) == 0).all()
 
 
 def test_many_rows(device):
     """N >= 65,536 rows: a 1-D grid over rows, not (B, T)."""
     B, T, V = 2, 40_000, 5
+    n = B * T
     logits = make_logits(B, T, V, torch.float32, device, seed=2)
-    ids = torch.randint(0, V, (B, T), device=device)
-    gl = torch.randn(B, T, device=device)
-    out = cuda.forward(logits, ids, 1.0)
-    check_forward(logits, ids, 1.0, out)
-    grad = torch.empty(logits.shape, device=device)
-    cuda.backward(logits, ids, 1.0, out[2], out[3], gl, None, grad)
-    assert rel_err(grad, reference_sweep(logits, ids, 1.0, gl, None)[2]) < 1e-5
+    ids = torch.randint(0, V, (n,), device=device)
+    active = torch.rand(n, device=device) < 0.9
+    gl = torch.randn(n, device=device)
+    out = cuda.forward(logits, ids, 1.0, active)
+    check_forward(logits, ids, 1.0, out, active)
+    grad = run_backward(logits, ids, 1.0, active, out, gl, None)
+    assert rel_err(grad, reference_sweep(logits, ids, 1.0, active, 0, gl, None)[5]) < 1e-5
 
 
 def test_offsets_past_two_to_the_31_elements(device):
@@ -220,15 +422,14 @@ def test_offsets_past_two_to_the_31_elements(device):
     full = torch.randn(B, T + 1, V, device=device, dtype=torch.bfloat16)
     logits = full[:, :-1]
     assert logits.numel() > 2**31
-    ids = torch.randint(0, V, (B, T), device=device)
-    gl = torch.randn(B, T, device=device)
-    logprobs, entropy, lse, mean_z = cuda.forward(logits, ids, 1.0)
+    ids = torch.randint(0, V, (T,), device=device)
+    gl = torch.randn(T, device=device)
+    out = cuda.forward(logits, ids, 1.0, None)
     grad = torch.empty(logits.shape, dtype=torch.bfloat16, device=device)
-    cuda.backward(logits, ids, 1.0, lse, mean_z, gl, None, grad)
+    run_backward(logits, ids, 1.0, None, out, gl, None, grad=grad)
     tail = slice(T - 3, T)
-    check_forward(logits[:, tail], ids[:, tail], 1.0, (logprobs[:, tail], entropy[:, tail], lse[:, tail],
-                                                      mean_z[:, tail]))
-    want = reference_sweep(logits[:, tail], ids[:, tail], 1.0, gl[:, tail], None)[2]
+    check_forward(logits[:, tail], ids[tail], 1.0, tuple(o[tail].clone() for o in out))
+    want = reference_sweep(logits[:, tail], ids[tail], 1.0, None, 0, gl[tail], None)[5]
     assert rel_err(grad[:, tail], want) < 1e-2
     del full, grad
 
@@ -236,98 +437,94 @@ def test_offsets_past_two_to_the_31_elements(device):
 def test_empty_batch(device):
     for B, T in ((0, 4), (2, 0)):
         logits = torch.randn(B, T, 9, device=device)
-        ids = torch.zeros(B, T, dtype=torch.long, device=device)
-        out = cuda.forward(logits, ids, 1.0)
-        assert all(o.shape == (B, T) for o in out)
-        cuda.backward(logits, ids, 1.0, out[2], out[3], torch.ones(B, T, device=device), None,
-                      torch.empty_like(logits))
+        ids = torch.zeros(B * T, dtype=torch.long, device=device)
+        out = cuda.forward(logits, ids, 1.0, None)
+        assert len(out) == 5 and all(o.shape == (B * T,) for o in out)
+        run_backward(logits, ids, 1.0, None, out, torch.ones(B * T, device=device), None)
 
 
 @pytest.mark.parametrize("V", [1, 33, 5000])
 def test_non_finite_rows_give_non_finite_outputs(device, V):
-    """All -inf, NaN or +inf in a row: non-finite outputs for that row, finite elsewhere, no fault."""
-    B, T = 1, 4
+    """All -inf, NaN or +inf in a row: non-finite outputs for that row, finite elsewhere, no
+    fault; an id outside the vocabulary: a NaN logprob, the rest of the row valid."""
+    B, T = 1, 5
     logits = make_logits(B, T, V, torch.float32, device, seed=3, layout="contiguous")
     logits[0, 0] = float("-inf")
     logits[0, 1, V // 2] = float("nan")
     logits[0, 2, V // 3] = float("inf")
-    ids = torch.zeros(B, T, dtype=torch.long, device=device)
-    logprobs, entropy, lse, mean_z = cuda.forward(logits, ids, 1.0)
-    assert not torch.isfinite(logprobs[0, :3]).any()
-    assert torch.isfinite(logprobs[0, 3]) and torch.isfinite(entropy[0, 3])
-    grad = torch.empty_like(logits)
-    cuda.backward(logits, ids, 1.0, lse, mean_z, torch.ones(B, T, device=device), torch.ones(B, T, device=device),
-                  grad)
+    ids = torch.zeros(B * T, dtype=torch.long, device=device)
+    ids[4] = V
+    out = cuda.forward(logits, ids, 1.0, None)
+    logprobs, entropy = out[:2]
+    assert not torch.isfinite(logprobs[:3]).any() and not torch.isfinite(entropy[:3]).any()
+    assert all(torch.isfinite(o[3]) for o in out)
+    assert torch.isnan(logprobs[4]) and all(torch.isfinite(o[4]) for o in out[1:])
+    ones = torch.ones(B * T, device=device)
+    grad = run_backward(logits, ids, 1.0, None, out, ones, ones)
     torch.cuda.synchronize()
     assert all(not torch.isfinite(grad[0, t]).all() for t in range(3))
-    assert torch.isfinite(grad[0, 3]).all()
+    assert torch.isfinite(grad[0, 3:]).all()
 
 
 def test_negative_infinite_logits_are_a_vocabulary_mask(device):
     B, T, V = 2, 3, 40
+    n = B * T
     logits = make_logits(B, T, V, torch.float32, device, seed=4, layout="contiguous")
     logits[..., ::3] = float("-inf")
-    ids = torch.ones(B, T, dtype=torch.long, device=device)
-    logprobs, entropy, lse, mean_z = cuda.forward(logits, ids, 1.0)
+    ids = torch.ones(n, dtype=torch.long, device=device)
+    out = cuda.forward(logits, ids, 1.0, None)
+    check_forward(logits, ids, 1.0, out)
     keep = torch.arange(V, device=device) % 3 != 0
-    want_l, want_h = reference.token_logprobs(logits[..., keep].double(), torch.zeros_like(ids))
-    assert torch.allclose(logprobs.double(), want_l, atol=1e-5)
-    assert torch.allclose(entropy.double(), want_h, atol=1e-5)
-    grad = torch.empty_like(logits)
-    cuda.backward(logits, ids, 1.0, lse, mean_z, torch.randn(B, T, device=device), torch.randn(B, T, device=device),
-                  grad)
+    want = check_forward(logits[..., keep].contiguous(), torch.zeros_like(ids), 1.0, out)
+    assert torch.isfinite(torch.stack(want)).all()
+    gl, ge = torch.randn(n, device=device), torch.randn(n, device=device)
+    grad = run_backward(logits, ids, 1.0, None, out, gl, ge)
     assert torch.isfinite(grad).all() and (grad[..., ::3] == 0).all()
+    assert rel_err(grad, reference_sweep(logits, ids, 1.0, None, 0, gl, ge)[5]) < 1e-5
 
 
 def test_bitwise_deterministic(device):
     B, T, V = 4, 8, 50_000
+    n = B * T
     logits = make_logits(B, T, V, torch.bfloat16, device, seed=6)
-    ids = torch.randint(0, V, (B, T), device=device)
-    gl, ge = torch.randn(B, T, device=device), torch.randn(B, T, device=device)
+    ids = torch.randint(0, V, (n,), device=device)
+    gl, ge = torch.randn(n, device=device), torch.randn(n, device=device)
+    active = torch.rand(n, device=device) < 0.7
+    temperature = row_temperatures(n, device, 7)
 
-    def run():
-        out = cuda.forward(logits, ids, 0.8)
-        grad = torch.empty(logits.shape, dtype=logits.dtype, device=device)
-        cuda.backward(logits, ids, 0.8, out[2], out[3], gl, ge, grad)
-        return (*out, grad)
+    def run(temperature, active):
+        out = cuda.forward(logits, ids, temperature, active)
+        return (*out, run_backward(logits, ids, temperature, active, out, gl, ge))
 
-    for a, b in zip(run(), run()):
+    for args in ((0.8, None), (temperature, active)):
+        for a, b in zip(run(*args), run(*args)):
+            assert torch.equal(a, b)
+    # An all-true mask is no mask.
+    for a, b in zip(run(0.8, None), run(0.8, torch.ones(n, dtype=torch.bool, device=device))):
         assert torch.equal(a, b)
 
 
 def test_rejects_what_it_cannot_run(device):
     logits = torch.randn(2, 3, 8, device=device)
-    ids = torch.zeros(2, 3, dtype=torch.long, device=device)
+    ids = torch.zeros(6, dtype=torch.long, device=device)
     with pytest.raises(TypeError, match="float32, bfloat16 or float16"):
-        cuda.forward(logits.double(), ids, 1.0)
+        cuda.forward(logits.double(), ids, 1.0, None)
     with pytest.raises(RuntimeError, match="stride"):
-        cuda.forward(logits.transpose(0, 2), ids.new_zeros(8, 3), 1.0)
-    _, _, lse, mean_z = cuda.forward(logits, ids, 1.0)
+        cuda.forward(logits.transpose(0, 2), ids.new_zeros(24), 1.0, None)
+    with pytest.raises(RuntimeError, match="ids must have shape"):
+        cuda.forward(logits, ids[:5], 1.0, None)
+    with pytest.raises(RuntimeError, match="vocab_start"):
+        cuda.forward(logits, ids, 1.0, None, vocab_start=-1)
+    with pytest.raises(RuntimeError, match="temperature must be finite"):
+        cuda.forward(logits, ids, 0.0, None)
+    with pytest.raises(NotImplementedError, match="partial"):
+        cuda.forward(logits, ids, 1.0, None, partial=True)
+    out = cuda.forward(logits, ids, 1.0, None)
+    _, _, m, log_sum, mean_rel = out
     with pytest.raises(RuntimeError, match="grad_out must have the logits' shape"):
-        cuda.backward(logits, ids, 1.0, lse, mean_z, None, None, torch.empty(2, 3, 7, device=device))
+        cuda.backward(logits, ids, 1.0, None, m, log_sum, mean_rel, None, None, torch.empty(2, 3, 7, device=device))
     # A grad_out that overlaps the logits without being them would race: in place or apart.
     full = torch.randn(2, 3, 9, device=device)
     with pytest.raises(RuntimeError, match="not overlap"):
-        cuda.backward(full[..., :8], ids, 1.0, lse, mean_z, torch.ones(2, 3, device=device), None, full[..., 1:])
-
-
-def test_fused_loss_through_cuda_backend(device):
-    """fused_grpo_loss(backend="cuda") against the float64 reference objective, value and gradient."""
-    B, T, V = 3, 6, 1003
-    logits = make_logits(B, T, V, torch.float32, device, seed=7)
-    ids = torch.randint(0, V, (B, T), device=device)
-    advantages = torch.randn(B, device=device)
-    current, _ = reference.token_logprobs(logits.double(), ids)
-    old = (current + 0.3 * torch.randn(B, T, device=device, dtype=torch.float64)).float()  # ratios in and out of the band
-    ref = (current + 0.3 * torch.randn(B, T, device=device, dtype=torch.float64)).float()
-    kwargs = dict(beta=0.04, entropy_coef=0.01, loss_type="dapo")
-
-    x = logits.detach().clone().requires_grad_()
-    loss, _ = grpo_kernels.fused_grpo_loss(x, ids, advantages, None, old, ref, backend="cuda", **kwargs)
-    (grad,) = torch.autograd.grad(loss, x)
-
-    x64 = logits.detach().double().requires_grad_()
-    want, _ = reference.grpo_loss(x64, ids, advantages, None, old.double(), ref.double(), **kwargs)
-    (want_grad,) = torch.autograd.grad(want, x64)
-    assert abs(loss.item() - want.item()) <= 1e-5 * (1 + abs(want.item()))
-    assert rel_err(grad, want_grad) < 1e-5
+        cuda.backward(full[..., :8], ids, 1.0, None, m, log_sum, mean_rel, torch.ones(6, device=device), None,
+                      full[..., 1:])

@@ -9,11 +9,22 @@ import math
 from dataclasses import dataclass
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
+# TRL 1.16's eight loss types (the set the TRL parity tests sweep).
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo", "cispo", "sapo", "vespo")
+# verl 0.9.1's policy losses that TRL lacks, under verl's registry names; "cispo_verl" is verl's
+# "cispo" (two-sided clip of the detached weight), which differs from TRL's "cispo" (cap at epsilon_high).
+VERL_LOSS_TYPES = ("dppo_tv", "dppo_kl", "gpg", "clip_cov", "kl_cov", "geo_mean", "dro", "cispo_verl")
+ALL_LOSS_TYPES = LOSS_TYPES + VERL_LOSS_TYPES
 # Loss types whose policy term is the PPO clipped surrogate -min(r A, clip(r) A).
 CLIPPED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
-IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
+# "sequence_token": GSPO-token, s_t = sg(s_i) exp(l_t - sg(l_t)), verl's "gspo" (docs/math.md).
+IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence", "sequence_token")
+# verl 0.9.1's agg_loss modes (None: the loss type's own TRL aggregation).
+LOSS_AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+# TRL 1.16's vllm_importance_sampling_mode values, applied to rollout_is_ratio.
+VLLM_IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 KL_RATIOS = ("token", "sequence")
 BACKENDS = ("auto", "triton", "torch", "cuda")
@@ -57,7 +68,7 @@ def _divisor(name: str, n: object) -> None:
     if isinstance(n, torch.Tensor):
         if n.numel() != 1:
             raise ValueError(f"{name} must be a scalar, got shape {tuple(n.shape)}")
-        if n.device.type == "cpu" and not torch.compiler.is_compiling():
+        if n.device.type == "cpu" and not torch.compiler.is_compiling() and not is_fake(n):
             n = float(n)
         else:
             return
@@ -79,6 +90,28 @@ class GRPOOptions:
     `kl_ratio` chooses the ratio that weights the KL term when `use_bias_correction_kl`:
     "token" (default) is the per-token r even under GSPO; "sequence" reproduces TRL 1.16,
     which weights with the sequence ratio s_i there (TRL issue 6586).
+
+    verl 0.9.1 (docs/math.md, "Loss families from verl"; docs of each field there):
+    - `loss_agg_mode` None keeps each loss type's TRL aggregation; one of LOSS_AGG_MODES is verl's
+      `agg_loss` exactly, with its global normalisers `dp_size`, `batch_num_tokens`,
+      `global_batch_size` and `loss_scale_factor` (None: verl's local defaults). It also
+      aggregates the KL term and the entropy bonus, as verl's ppo_loss does.
+    - verl's clip_ratio_low / clip_ratio_high are `epsilon_low` / `epsilon_high` for every loss
+      type (for dppo_* they are the divergence thresholds delta_low / delta_high, as in verl).
+      verl's clip_ratio_c is `dual_clip` for the PPO losses and `clip_ratio_c` (the cap of the
+      detached weight, default 3.0 as ActorConfig) for dppo_tv / dppo_kl.
+    - `clip_cov_ratio`, `clip_cov_lb`, `clip_cov_ub`, `kl_cov_ratio`, `ppo_kl_coef`, `dro_beta`:
+      verl's PolicyLossConfig fields and defaults.
+    - `log_ratio_clamp`: c clamps log r (or log s under GSPO) to [-c, c]; a pair (low, high)
+      clamps to it, None on a side leaving it open. verl clamps at 20 (vanilla, dppo, sapo,
+      cispo) and at (None, 10) (gspo). None: no clamp, as TRL.
+    - `kl_clamp`: c clamps the KL estimate to [-c, c] (verl's low_var_kl and OpenRLHF use 10; for
+      k3 the log-ratio is then also clamped to [-20, 20], as verl). None: no clamp, as TRL.
+    - `verl_metrics`: also return verl's metrics ppo_kl, pg_clipfrac, pg_clipfrac_lower (always on
+      for the verl loss types).
+    - `vllm_importance_sampling_mode` (TRL 1.16's field, with `vllm_importance_sampling_clip_max`
+      and `vllm_importance_sampling_clip_min`): rollout_is_ratio is then the raw sampler ratio
+      exp(l_old - l_sampler), truncated or masked per token or per sequence as TRL does.
     """
 
     loss_type: str = "dapo"
@@ -106,9 +139,30 @@ class GRPOOptions:
     off_policy_mask_threshold: float | None = None
     inplace_backward: bool = False
     backend: str = "auto"
+    # verl 0.9.1 (docs/math.md, "Loss families from verl"): aggregation and its global normalisers.
+    loss_agg_mode: str | None = None
+    dp_size: int = 1
+    batch_num_tokens: float | torch.Tensor | None = None
+    global_batch_size: float | torch.Tensor | None = None
+    loss_scale_factor: float | None = None
+    # verl's policy-loss parameters, under verl's names and with the defaults of its ActorConfig.
+    clip_ratio_c: float = 3.0
+    clip_cov_ratio: float = 0.0002
+    clip_cov_lb: float = 1.0
+    clip_cov_ub: float = 5.0
+    kl_cov_ratio: float = 0.0002
+    ppo_kl_coef: float = 0.1
+    dro_beta: float | None = None
+    log_ratio_clamp: float | tuple | None = None
+    kl_clamp: float | None = None
+    verl_metrics: bool = False
+    # TRL 1.16's vLLM importance-sampling correction, applied to rollout_is_ratio.
+    vllm_importance_sampling_mode: str | None = None
+    vllm_importance_sampling_clip_max: float | None = 3.0
+    vllm_importance_sampling_clip_min: float | None = None
 
     def __post_init__(self) -> None:
-        _choice("loss_type", self.loss_type, LOSS_TYPES)
+        _choice("loss_type", self.loss_type, ALL_LOSS_TYPES)
         _choice("importance_sampling_level", self.importance_sampling_level, IMPORTANCE_SAMPLING_LEVELS)
         _choice("kl_estimator", self.kl_estimator, KL_ESTIMATORS)
         _choice("kl_ratio", self.kl_ratio, KL_RATIOS)
@@ -144,10 +198,121 @@ class GRPOOptions:
         _divisor("num_sequences_in_batch", self.num_sequences_in_batch)
         if self.loss_type == "vespo" and self.importance_sampling_level != "token":
             raise ValueError("loss_type='vespo' computes its own sequence weight; use importance_sampling_level='token'")
+        self._check_verl()
+        self._check_vllm()
+
+    def _check_verl(self) -> None:
+        """The keywords of verl's losses and aggregation (issue 13), each against verl's own asserts."""
+        if self.loss_agg_mode is not None:
+            _choice("loss_agg_mode", self.loss_agg_mode, LOSS_AGG_MODES)
+        if isinstance(self.dp_size, bool) or not isinstance(self.dp_size, int) or self.dp_size < 1:
+            raise ValueError(f"dp_size must be a positive int, got {self.dp_size!r}")
+        _divisor("batch_num_tokens", self.batch_num_tokens)
+        _divisor("global_batch_size", self.global_batch_size)
+        if self.dp_size > 1:  # verl's agg_loss raises the same
+            if self.loss_agg_mode == "token-mean" and self.batch_num_tokens is None:
+                raise ValueError("(global) batch_num_tokens is required when dp_size > 1 with loss_agg_mode='token-mean'")
+            if (self.loss_agg_mode or "").startswith("seq-mean") and self.global_batch_size is None:
+                raise ValueError(f"global_batch_size is required when dp_size > 1 with loss_agg_mode={self.loss_agg_mode!r}")
+        if self.loss_scale_factor is not None and not _finite("loss_scale_factor", self.loss_scale_factor) > 0:
+            raise ValueError(f"loss_scale_factor must be > 0, got {self.loss_scale_factor}")
+        if not _finite("clip_ratio_c", self.clip_ratio_c) > 0.0:
+            raise ValueError(f"clip_ratio_c must be > 0, got {self.clip_ratio_c}")
+        for name in ("clip_cov_ratio", "kl_cov_ratio"):  # verl asserts > 0; topk needs kl_cov_ratio <= 1
+            value = _finite(name, getattr(self, name))
+            if not (0.0 < value <= 1.0 if name == "kl_cov_ratio" else value > 0.0):
+                raise ValueError(f"{name} must be in {'(0, 1]' if name == 'kl_cov_ratio' else '(0, inf)'}, got {value}")
+        _finite("clip_cov_lb", self.clip_cov_lb)
+        _finite("clip_cov_ub", self.clip_cov_ub)
+        _finite("ppo_kl_coef", self.ppo_kl_coef)
+        if self.dro_beta is not None:
+            _finite("dro_beta", self.dro_beta)
+        if self.loss_type == "dro" and not (self.dro_beta is not None and self.dro_beta > 0):
+            raise ValueError(f"loss_type='dro' needs dro_beta > 0 (verl: policy_loss.dro_beta), got {self.dro_beta}")
+        self.log_ratio_bounds  # validates log_ratio_clamp
+        if self.kl_clamp is not None and not _finite("kl_clamp", self.kl_clamp) > 0.0:
+            raise ValueError(f"kl_clamp must be > 0, got {self.kl_clamp}")
+        check_bool("verl_metrics", self.verl_metrics)
+        if self.loss_type in VERL_LOSS_TYPES and self.importance_sampling_level != "token":
+            raise ValueError(f"loss_type={self.loss_type!r} is a token-level verl loss; "
+                             "use importance_sampling_level='token'")
+        if self.loss_type == "vespo" and self.importance_sampling_level == "sequence_token":
+            raise ValueError("loss_type='vespo' computes its own sequence weight; use importance_sampling_level='token'")
+        if self.loss_type == "geo_mean" and (self.top_entropy_quantile < 1.0 or
+                                             self.off_policy_mask_threshold is not None):
+            raise ValueError("loss_type='geo_mean' is a sequence-level objective: top_entropy_quantile < 1 and "
+                             "off_policy_mask_threshold (per-token masks) do not apply to it")
+
+    def _check_vllm(self) -> None:
+        """TRL 1.16's checks of its vllm_importance_sampling_* fields (GRPOConfig.__post_init__)."""
+        lo, hi = self.vllm_importance_sampling_clip_min, self.vllm_importance_sampling_clip_max
+        for name, value in (("vllm_importance_sampling_clip_min", lo), ("vllm_importance_sampling_clip_max", hi)):
+            if value is not None:
+                _finite(name, value)
+        if self.vllm_importance_sampling_mode is None:
+            return
+        mode = _choice("vllm_importance_sampling_mode", self.vllm_importance_sampling_mode, VLLM_IS_MODES)
+        if lo is not None and hi is not None and lo >= hi:
+            raise ValueError(f"vllm_importance_sampling_clip_min ({lo}) must be less than "
+                             f"vllm_importance_sampling_clip_max ({hi})")
+        if mode.endswith("_truncate") and lo is None and hi is None:
+            raise ValueError("At least one of vllm_importance_sampling_clip_min or vllm_importance_sampling_clip_max "
+                             "must be set when vllm_importance_sampling_mode is a *_truncate mode")
+        if self.loss_type == "vespo" and mode.startswith("sequence"):
+            raise ValueError("loss_type='vespo' needs vllm_importance_sampling_mode 'token_truncate' or 'token_mask' "
+                             f"(as TRL); got {mode!r}")
+
+    @property
+    def log_ratio_bounds(self) -> tuple[float | None, float | None]:
+        """log_ratio_clamp as (low, high): c -> (-c, c); a pair as given (None: unbounded on that side)."""
+        c = self.log_ratio_clamp
+        if c is None:
+            return None, None
+        if isinstance(c, (tuple, list)):
+            if len(c) != 2:
+                raise ValueError(f"log_ratio_clamp must be a number or a pair (low, high), got {c!r}")
+            lo, hi = (None if v is None else _finite("log_ratio_clamp", v) for v in c)
+            if lo is not None and hi is not None and not lo < hi:
+                raise ValueError(f"log_ratio_clamp (low, high) needs low < high, got {c!r}")
+            return lo, hi
+        if not _finite("log_ratio_clamp", c) > 0.0:
+            raise ValueError(f"log_ratio_clamp must be > 0 (or a pair (low, high)), got {c}")
+        return -float(c), float(c)
 
     @property
     def eps_high(self) -> float:
         return self.epsilon_low if self.epsilon_high is None else self.epsilon_high
+
+
+def sizes_match(sizes, shapes: tuple[tuple[int, ...], ...]) -> bool:
+    """Whether `sizes` equals one of `shapes`, by plain comparisons of sizes, which torch.compile's
+    symbolic shapes can guard on (a tuple `in` test, or formatting them, would specialise them)."""
+    for shape in shapes:
+        if len(sizes) == len(shape):
+            same = True
+            for a, b in zip(sizes, shape):
+                same = same and a == b
+            if same:
+                return True
+    return False
+
+
+def _has_shape(t: torch.Tensor, shapes: tuple[tuple[int, ...], ...]) -> bool:
+    return sizes_match(tuple(t.shape), shapes)
+
+
+def eager_cpu(t: torch.Tensor) -> bool:
+    """Whether a value check may look at t's values: a real CPU tensor, outside torch.compile's tracing."""
+    return t.device.type == "cpu" and not torch.compiler.is_compiling() and not is_fake(t)
+
+
+def check_ids_range(completion_ids: torch.Tensor, V: int) -> None:
+    """In eager mode on the CPU, ids outside [0, V) raise; elsewhere (no waiting for the device) the
+    sweeps turn such an id into a NaN log-prob, never an out-of-bounds read."""
+    ids = completion_ids
+    if ids.numel() > 0 and eager_cpu(ids) and bool(((ids < 0) | (ids >= V)).any()):
+        raise ValueError(f"completion_ids must lie in [0, V) = [0, {V}); found values in "
+                         f"[{int(ids.min())}, {int(ids.max())}]")
 
 
 def check_tensor(name: str, t: torch.Tensor | None, shapes: tuple[tuple[int, ...], ...], device: torch.device,
@@ -157,7 +322,7 @@ def check_tensor(name: str, t: torch.Tensor | None, shapes: tuple[tuple[int, ...
         return
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if tuple(t.shape) not in shapes:
+    if not _has_shape(t, shapes):
         want = " or ".join(str(s) for s in shapes)
         raise ValueError(f"{name} must have shape {want}, got {tuple(t.shape)}")
     if t.device != device:

@@ -143,7 +143,9 @@ def _linear_fwd_kernel(
                          HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION)
         m, s, u = online_softmax_step(m, s, u, z, 1)
         # The target logit from the very tile the statistics saw, so logprob and p_y agree.
-        z_y += tl.sum(tl.where((cols[None, :] == y[:, None]) & (cols[None, :] < v_end), z, 0.0), axis=1)
+        # (A target in the -inf tail of the last tile is not owned: the caller masks it, so no
+        # extra column test here, which would spill the 16-bit tile on sm_80.)
+        z_y += tl.sum(tl.where(cols[None, :] == y[:, None], z, 0.0), axis=1)
 
     # V (and so num_chunks) may be a compile-time 1; N never is.
     plane = N.to(tl.int64) * num_chunks

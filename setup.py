@@ -3,17 +3,30 @@ grpo_kernels._C_sweep (csrc/, see csrc/README.md), built only when nvcc and a CU
 torch are both present at build time. Otherwise the install is pure Python, without error,
 and grpo_kernels.cuda compiles csrc/ on first use where it can.
 
+The CUDA sources also ship as package data: build_py copies csrc/*.cu, *.cuh, *.h, *.cpp into
+the built package as grpo_kernels/csrc/, where grpo_kernels.cuda looks for them first (the
+checkout's csrc/ second), so the first-use build works from an installed wheel too. csrc/ stays
+where it is in the repository (compile_check.sh and the extension use those paths); MANIFEST.in
+puts it in the sdist, and a wheel built from the sdist copies it the same way.
+
 torch is not a build requirement (it would pull several GB of CUDA wheels into pip's
 isolated build environment), so `pip install -e .` sees torch only without build isolation:
-`pip install --no-build-isolation -e .` builds the extension; a plain install skips it.
+`pip install --no-build-isolation -e .` builds the extension; a plain install skips it, and so
+does GRPO_KERNELS_NO_CUDA_EXTENSION=1.
 """
 from __future__ import annotations
 
+import glob
 import os
 import shutil
 import sys
 
 from setuptools import setup
+from setuptools.command.build_py import build_py
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+# The CUDA sources that grpo_kernels.cuda compiles on first use (and their headers).
+CUDA_SOURCE_PATTERNS = ("*.cu", "*.cuh", "*.h", "*.cpp")
 
 # Ampere (A100) and Hopper (H100/H200) cubins, plus compute_90 PTX that newer GPUs JIT.
 GENCODE = [
@@ -25,6 +38,8 @@ GENCODE = [
 
 def _cuda_extension_or_reason():
     """([CUDAExtension], {"build_ext": BuildExtension}) or (None, why it is skipped)."""
+    if os.environ.get("GRPO_KERNELS_NO_CUDA_EXTENSION") == "1":
+        return None, "GRPO_KERNELS_NO_CUDA_EXTENSION=1 (the first use compiles the shipped sources instead)"
     try:
         import torch
         from torch.utils import cpp_extension
@@ -44,10 +59,35 @@ def _cuda_extension_or_reason():
     return ([extension], {"build_ext": cpp_extension.BuildExtension}), ""
 
 
+class build_py_with_cuda_sources(build_py):
+    """build_py, plus csrc/'s CUDA sources copied into the built package as grpo_kernels/csrc/.
+
+    Not in an editable install: there grpo_kernels.cuda finds the checkout's csrc/ itself.
+    """
+
+    def run(self):
+        super().run()
+        if getattr(self, "editable_mode", False):
+            return
+        target = os.path.join(self.build_lib, "grpo_kernels", "csrc")
+        self.mkpath(target)
+        for pattern in CUDA_SOURCE_PATTERNS:
+            for source in sorted(glob.glob(os.path.join(HERE, "csrc", pattern))):
+                self.copy_file(source, os.path.join(target, os.path.basename(source)))
+
+    def get_outputs(self, include_bytecode=True):
+        outputs = super().get_outputs(include_bytecode)
+        if getattr(self, "editable_mode", False):
+            return outputs
+        target = os.path.join(self.build_lib, "grpo_kernels", "csrc")
+        return outputs + [os.path.join(target, os.path.basename(source)) for pattern in CUDA_SOURCE_PATTERNS
+                          for source in sorted(glob.glob(os.path.join(HERE, "csrc", pattern)))]
+
+
 built, reason = _cuda_extension_or_reason()
 if built is None:
     print(f"grpo_kernels: installing without the CUDA extension: {reason}", file=sys.stderr)
-    setup()
+    setup(cmdclass={"build_py": build_py_with_cuda_sources})
 else:
     ext_modules, cmdclass = built
-    setup(ext_modules=ext_modules, cmdclass=cmdclass)
+    setup(ext_modules=ext_modules, cmdclass={**cmdclass, "build_py": build_py_with_cuda_sources})

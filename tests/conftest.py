@@ -9,6 +9,7 @@ import os
 if os.environ.get("GRPO_TEST_NATIVE") != "1":
     os.environ["TRITON_INTERPRET"] = "1"
 
+import pytest  # noqa: E402
 from hypothesis import settings  # noqa: E402
 
 # The interpreter is slow and the machine has two cores: few examples per property. Local
@@ -18,3 +19,17 @@ settings.register_profile("default", max_examples=12, deadline=None)
 settings.register_profile("ci", max_examples=12, deadline=None, derandomize=True, database=None)
 settings.register_profile("soak", max_examples=400, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "default"))
+
+
+@pytest.fixture(autouse=True)
+def _restore_environ():
+    """Every test starts from the same os.environ: whatever a test sets, changes or removes is put
+    back afterwards. Under transformers 4.57, `GRPOConfig(bf16=True)` sets
+    ACCELERATE_MIXED_PRECISION, which then leaks into every later test (and trainer)."""
+    saved = dict(os.environ)
+    yield
+    for key in [key for key in os.environ if key not in saved]:
+        del os.environ[key]
+    for key, value in saved.items():
+        if os.environ.get(key) != value:
+            os.environ[key] = value

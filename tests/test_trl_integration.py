@@ -33,6 +33,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Pr
 from trl import GRPOConfig, GRPOTrainer
 from trl.trainer import base_trainer
 
+import grpo_kernels
 from grpo_kernels.integrations.trl import FusedGRPOTrainer, patch_grpo_trainer
 
 WORDS = [f"w{i}" for i in range(250)]
@@ -225,6 +226,53 @@ def test_bad_options_and_double_patch(model_dir, tmp_path):
     patch_grpo_trainer(trainer)
     with pytest.raises(ValueError, match="already"):
         patch_grpo_trainer(trainer)
+
+
+def _library_error(head: str, backend: str) -> str:
+    """The message grpo_kernels itself raises at the first step, on CPU tensors."""
+    ids = torch.zeros(1, 1, dtype=torch.long)
+    with pytest.raises((RuntimeError, ValueError)) as error:
+        if head == "hidden":
+            grpo_kernels.fused_linear_grpo_loss(torch.zeros(1, 1, 4), torch.zeros(3, 4), ids, torch.zeros(1),
+                                                backend=backend)
+        else:
+            grpo_kernels.fused_grpo_loss(torch.zeros(1, 1, 3), ids, torch.zeros(1), backend=backend)
+    return str(error.value)
+
+
+@pytest.mark.parametrize("drop_in", ["patch", "subclass"])
+@pytest.mark.parametrize("head, backend, interpret", [
+    ("hidden", "cuda", "1"),    # the fused-linear sweep has no CUDA C++ backend, on any device
+    ("hidden", "triton", "0"),  # Triton on the CPU only under its interpreter
+    ("logits", "triton", "0"),
+    ("logits", "cuda", "1"),    # the CUDA C++ sweep needs CUDA tensors
+])
+def test_impossible_backend_fails_when_built(model_dir, tmp_path, monkeypatch, drop_in, head, backend, interpret):
+    """Rejected when the trainer is built, not at its first step, with the library's own message."""
+    if interpret == "1":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    else:
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    expected = _library_error(head, backend)
+    if drop_in == "patch":
+        trainer = _build(model_dir, tmp_path)
+        with pytest.raises(ValueError) as error:
+            patch_grpo_trainer(trainer, head=head, backend=backend)
+        assert not hasattr(trainer, "_grpo_kernels")
+    else:
+        args = GRPOConfig(output_dir=str(tmp_path / "out"), **BASE_CONFIG)
+        with pytest.raises(ValueError) as error:
+            FusedGRPOTrainer(model=AutoModelForCausalLM.from_pretrained(model_dir),
+                             reward_funcs=reward_multiple_of_three, args=args, train_dataset=PROMPTS,
+                             processing_class=PreTrainedTokenizerFast.from_pretrained(model_dir),
+                             head=head, backend=backend)
+    assert str(error.value) == expected
+
+
+def test_possible_backends_build(model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # Triton runs on the CPU under its interpreter
+    for head, backend in [("hidden", "triton"), ("hidden", "torch"), ("logits", "triton"), ("logits", "auto")]:
+        patch_grpo_trainer(_build(model_dir, tmp_path), head=head, backend=backend)
 
 
 def test_soft_capped_logits_need_the_logits_head(model_dir, tmp_path):

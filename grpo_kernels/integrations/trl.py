@@ -96,7 +96,11 @@ Not supported (ValueError when the trainer is built, never a silent change of th
   ZeRO-3 (the fused-linear backward reads the LM head weight outside the module's gather hooks)
   or FSDP version 1 (flat parameters): use head="logits" there;
 - GRPOConfig values grpo_kernels rejects (e.g. delta <= 1 + epsilon_high, epsilon >= 1,
-  loss_type="vespo" at sequence level).
+  loss_type="vespo" at sequence level);
+- a backend that cannot run this head on the trainer's device, with the message the first step
+  would give: backend="cuda" with head="hidden" (the fused-linear sweep has auto, triton and
+  torch only; "cuda" is a logits sweep), "triton" on the CPU without TRITON_INTERPRET=1, "cuda"
+  without a CUDA device or a usable build of csrc/.
 
 `use_liger_kernel=True` is accepted: in TRL 1.16 it only swaps the model's layer kernels
 (norms, MLP, RoPE) and never the loss.
@@ -117,7 +121,10 @@ from trl import GRPOTrainer
 from trl.trainer.utils import nanmax, nanmin
 
 import grpo_kernels
+from grpo_kernels.linear import backend_module as linear_backend_module
 from grpo_kernels.options import CLIPPED_LOSS_TYPES, GRPOOptions
+from grpo_kernels.sweep import require as require_backend
+from grpo_kernels.sweep import resolve_backend
 
 __all__ = ["FusedGRPOTrainer", "patch_grpo_trainer", "HEADS", "KL_RATIOS"]
 
@@ -258,6 +265,22 @@ def _config_options(trainer: GRPOTrainer, kl_ratio: str, backend: str, inplace_b
     )
 
 
+def _check_backend(head: str, backend: str, device: torch.device) -> None:
+    """Raise ValueError now, with the message the first step would raise, if `backend` cannot run
+    this head's sweep on the trainer's device: 'cuda' has no fused-linear sweep (head="hidden");
+    'triton' needs CUDA tensors, or the CPU under TRITON_INTERPRET=1; 'cuda' needs a CUDA device
+    and the compiled (or compilable) csrc/ module. Same checks, in the same order, as
+    fused_linear_grpo_loss and fused_grpo_loss make before their sweeps."""
+    try:
+        name = resolve_backend(backend, device)
+        if head == "hidden":
+            linear_backend_module(name)  # raises for 'cuda'
+        else:
+            require_backend(name, device)
+    except (RuntimeError, ValueError) as error:
+        raise ValueError(str(error)) from error
+
+
 def _setup(trainer: GRPOTrainer, head: str, kl_ratio: str, backend: str, inplace_backward: bool) -> None:
     """Validate the configuration and prepare the model; raises ValueError for anything unsupported."""
     if head not in HEADS:
@@ -277,6 +300,7 @@ def _setup(trainer: GRPOTrainer, head: str, kl_ratio: str, backend: str, inplace
         GRPOOptions(**options)
     except (TypeError, ValueError) as error:
         raise ValueError(f"grpo_kernels rejects this GRPOConfig: {error}") from error
+    _check_backend(head, backend, trainer.accelerator.device)
 
     keep = inspect.signature(_lm_module(trainer.model).forward).parameters.get("logits_to_keep")
     logits_to_keep = "none" if keep is None else "positions" if "Tensor" in str(keep.annotation) else "count"

@@ -211,9 +211,11 @@ class GRPOOptions:
         _divisor("global_batch_size", self.global_batch_size)
         if self.dp_size > 1:  # verl's agg_loss raises the same
             if self.loss_agg_mode == "token-mean" and self.batch_num_tokens is None:
-                raise ValueError("(global) batch_num_tokens is required when dp_size > 1 with loss_agg_mode='token-mean'")
+                raise ValueError("(global) batch_num_tokens is required when dp_size > 1 with "
+                                 "loss_agg_mode='token-mean'")
             if (self.loss_agg_mode or "").startswith("seq-mean") and self.global_batch_size is None:
-                raise ValueError(f"global_batch_size is required when dp_size > 1 with loss_agg_mode={self.loss_agg_mode!r}")
+                raise ValueError(f"global_batch_size is required when dp_size > 1 with "
+                                 f"loss_agg_mode={self.loss_agg_mode!r}")
         if self.loss_scale_factor is not None and not _finite("loss_scale_factor", self.loss_scale_factor) > 0:
             raise ValueError(f"loss_scale_factor must be > 0, got {self.loss_scale_factor}")
         if not _finite("clip_ratio_c", self.clip_ratio_c) > 0.0:
@@ -236,8 +238,6 @@ class GRPOOptions:
         if self.loss_type in VERL_LOSS_TYPES and self.importance_sampling_level != "token":
             raise ValueError(f"loss_type={self.loss_type!r} is a token-level verl loss; "
                              "use importance_sampling_level='token'")
-        if self.loss_type == "vespo" and self.importance_sampling_level == "sequence_token":
-            raise ValueError("loss_type='vespo' computes its own sequence weight; use importance_sampling_level='token'")
         if self.loss_type == "geo_mean" and (self.top_entropy_quantile < 1.0 or
                                              self.off_policy_mask_threshold is not None):
             raise ValueError("loss_type='geo_mean' is a sequence-level objective: top_entropy_quantile < 1 and "

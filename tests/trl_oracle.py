@@ -262,3 +262,53 @@ def trl_compute_loss(
     }
     metrics = {ours: (logged[theirs][-1] if logged.get(theirs) else None) for ours, theirs in names.items()}
     return loss, metrics
+
+
+# --- TRL's vLLM importance-sampling correction ----------------------------------------------
+
+_VLLM_IS_START = "if self.use_vllm and self.vllm_importance_sampling_correction:"
+_VLLM_IS_MARK = "per_token_logps_diff = (old_per_token_logps - sampling_per_token_logps) * mask"
+
+
+def _vllm_is_block() -> str:
+    """TRL 1.16's own code that turns sampler log-probs into `importance_sampling_ratio`.
+
+    It sits inside the 400-line `GRPOTrainer._generate_and_score_completions` (generation,
+    rewards, advantages), which cannot run without a model and a vLLM server. The oracle runs
+    that block's source as TRL ships it: the `if` statement that computes the ratio, found by
+    its first lines and cut at its end by indentation. A TRL that moves or rewrites the block
+    makes this raise instead of testing something else.
+    """
+    import inspect
+    import textwrap
+
+    lines = inspect.getsource(GRPOTrainer._generate_and_score_completions).splitlines()
+    for i, line in enumerate(lines):
+        if line.strip() == _VLLM_IS_START and any(_VLLM_IS_MARK in nxt for nxt in lines[i + 1:i + 4]):
+            indent = len(line) - len(line.lstrip())
+            end = i + 1
+            while end < len(lines) and (not lines[end].strip() or len(lines[end]) - len(lines[end].lstrip()) > indent):
+                end += 1
+            return textwrap.dedent("\n".join(lines[i:end]))
+    raise RuntimeError("TRL's vLLM importance-sampling block was not found in _generate_and_score_completions")
+
+
+def trl_vllm_importance_sampling_ratio(old_logprobs: torch.Tensor, sampling_logprobs: torch.Tensor,
+                                       completion_mask: torch.Tensor, mode: str, clip_max: float | None = 3.0,
+                                       clip_min: float | None = None) -> torch.Tensor:
+    """inputs["importance_sampling_ratio"] as TRL 1.16 computes it: (B, T) for token_* modes, (B, 1) for sequence_*."""
+    import math
+
+    trainer = types.SimpleNamespace(
+        use_vllm=True,
+        vllm_importance_sampling_correction=True,
+        vllm_importance_sampling_mode=mode,
+        vllm_importance_sampling_clip_max=clip_max,
+        vllm_importance_sampling_clip_min=clip_min,
+    )
+    namespace = {
+        "torch": torch, "math": math, "self": trainer, "completion_mask": completion_mask, "tool_mask": None,
+        "old_per_token_logps": old_logprobs, "sampling_per_token_logps": sampling_logprobs,
+    }
+    exec(compile(_vllm_is_block(), "<trl vllm importance sampling>", "exec"), namespace)  # noqa: S102
+    return namespace["vllm_importance_sampling_ratio"]

@@ -66,6 +66,8 @@ def _high_entropy_mask(entropy: torch.Tensor, sums: _Sums, quantile: float) -> t
     never waits for the device; with no masked token the threshold is NaN and no token passes.
     """
     mask = sums.mask
+    if mask.numel() == 0:
+        return mask
     on = mask != 0
     threshold = torch.nanquantile(torch.where(on, entropy, float("nan")), 1.0 - quantile)
     return ((entropy * mask >= threshold) & on).to(mask.dtype)

@@ -19,6 +19,7 @@ from typing import Optional
 
 import torch
 
+from . import token_loss
 from .layout import Tokens, build_tokens
 from .loss import Metrics, objective
 from .options import GRPOOptions, check_bool, check_temperature
@@ -166,6 +167,56 @@ def sweep(logits: Tensor, tokens: Tokens, backend: str, inplace: bool, tp_group=
     return logprobs, entropy
 
 
+class TokenLevelLoss(torch.autograd.Function):
+    """logits rows -> (loss, the five metric scalars, logprobs) through the forward sweep and
+    token_loss.py's two kernels; the backward is the backward sweep with c_t = g m_t dL_t/dl_t / n
+    and e_t = -g coef m_t / sum(m): a handful of launches in all (issue 10)."""
+
+    @staticmethod
+    def forward(ctx, rows, tokens, o, backend):
+        temperature = tokens.temperature
+        t_scalar, t_rows = (1.0, temperature) if isinstance(temperature, Tensor) else (float(temperature), None)
+        ids = tokens.ids if tokens.ids.is_contiguous() else tokens.ids.contiguous()
+        logprobs, entropy, m, log_sum, mean_rel = torch.ops.grpo_kernels.logits_sweep(
+            rows, ids, t_scalar, t_rows, tokens.active, 0, False, backend, o.inplace_backward)
+        loss, out, coef = token_loss.token_loss(logprobs, entropy, tokens, o)
+        mask = tokens.mask
+        # The two scales on their own: the metrics (views of out) are the caller's to modify.
+        scales = out[5:].clone()
+        ctx.save_for_backward(rows, ids, t_rows, tokens.active, m, log_sum, mean_rel, coef, scales,
+                              None if mask is None or o.entropy_coef == 0.0 else mask)
+        ctx.t_scalar, ctx.backend, ctx.inplace, ctx.entropy = t_scalar, backend, o.inplace_backward, o.entropy_coef
+        ctx.mark_non_differentiable(out, logprobs)
+        ctx.set_materialize_grads(False)  # no zero tensors for the gradients of the metric outputs
+        if tokens.invalid is not None:
+            loss = torch.where(tokens.invalid, float("nan"), loss)
+        return loss, out, logprobs
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss, _grad_out, _grad_logprobs):
+        rows, ids, t_rows, active, m, log_sum, mean_rel, coef, scales, mask = ctx.saved_tensors
+        grad_logprobs = coef * (grad_loss * scales[0])
+        grad_entropy = None
+        if ctx.entropy != 0.0:
+            e = grad_loss * scales[1]
+            grad_entropy = e.expand_as(coef) if mask is None else mask * e
+        grad = sweep_backward(rows, ids, ctx.t_scalar, t_rows, active, m, log_sum, mean_rel, grad_logprobs,
+                              grad_entropy, 0, ctx.backend, ctx.inplace)
+        return grad, None, None, None
+
+
+def _token_level(logits: Tensor, tokens: Tokens, o: GRPOOptions, backend: str) -> tuple[Tensor, Metrics]:
+    rows = tokens.layout.logits_rows(logits)
+    if o.inplace_backward and rows_overlap(rows):
+        sweep(logits, tokens, backend, True)  # raises the overlap error
+    loss, out, logprobs = TokenLevelLoss.apply(rows, tokens, o, backend)
+    metrics: Metrics = {"kl": out[0] if o.beta != 0.0 else None, "entropy": out[1], "clip_ratio_low": out[2],
+                        "clip_ratio_high": out[3], "clip_ratio_region": out[4],
+                        "logprobs": tokens.layout.unflat(logprobs)}
+    return loss, metrics
+
+
 def _vocab(logits: Tensor, tp_group, vocab_start: int | None) -> tuple[int, int]:
     """(vocab_start, global V) of these logits: (0, V) without tensor parallelism."""
     V = logits.shape[-1] if isinstance(logits, Tensor) and logits.dim() >= 1 else 0
@@ -259,5 +310,7 @@ def fused_grpo_loss(
                           sampling_logprobs, cu_seqlens, o, logits=logits, vocab_size=V)
     name = resolve_backend(o.backend, logits.device)
     require(name, logits.device)
+    if token_loss.supports(o, tokens, name, tp_group):
+        return _token_level(logits, tokens, o, name)
     logprobs, entropy = sweep(logits, tokens, name, o.inplace_backward, tp_group, start)
     return objective(logprobs, entropy, tokens, o)

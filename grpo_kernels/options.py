@@ -68,7 +68,7 @@ def _divisor(name: str, n: object) -> None:
     if isinstance(n, torch.Tensor):
         if n.numel() != 1:
             raise ValueError(f"{name} must be a scalar, got shape {tuple(n.shape)}")
-        if n.device.type == "cpu" and not torch.compiler.is_compiling() and not is_fake(n):
+        if eager_cpu(n):
             n = float(n)
         else:
             return

@@ -145,6 +145,12 @@ class Tokens:
     advantages_per_seq: bool = False
     rollout_per_seq: bool = False
 
+    @property
+    def temperature_args(self) -> tuple[float, torch.Tensor | None]:
+        """(scalar, per-token tensor or None): the two temperature arguments of the sweep operators."""
+        t = self.temperature
+        return (1.0, t) if isinstance(t, torch.Tensor) else (float(t), None)
+
     def per_seq(self, t: torch.Tensor | None) -> bool:
         """Whether `t` (tokens.advantages or tokens.rollout_is_ratio) holds one value per sequence."""
         if t is None:
@@ -267,7 +273,7 @@ def build_tokens(
         raise ValueError("loss_type='dr_grpo' on packed rows needs max_completion_length (the padded length T "
                          "it normalises by)")
 
-    ids = completion_ids.reshape(-1)
+    ids = completion_ids.reshape(-1).contiguous()  # one int per row, as the kernels read them
     if vocab_size is not None:
         check_ids(ids, vocab_size)
 

@@ -154,9 +154,8 @@ def sweep(logits: Tensor, tokens: Tokens, backend: str, inplace: bool, tp_group=
         raise ValueError("inplace_backward=True needs logits whose rows do not overlap in memory (these are "
                          "expanded or have overlapping strides): writing the gradient into them would mix rows. "
                          "Pass a materialised tensor or inplace_backward=False.")
-    temperature = tokens.temperature
-    t_scalar, t_rows = (1.0, temperature) if isinstance(temperature, Tensor) else (float(temperature), None)
-    ids = tokens.ids if tokens.ids.is_contiguous() else tokens.ids.contiguous()
+    t_scalar, t_rows = tokens.temperature_args
+    ids = tokens.ids
     if tp_group is not None:
         from .distributed import vocab_parallel_sweep
 
@@ -174,9 +173,8 @@ class TokenLevelLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, rows, tokens, o, backend):
-        temperature = tokens.temperature
-        t_scalar, t_rows = (1.0, temperature) if isinstance(temperature, Tensor) else (float(temperature), None)
-        ids = tokens.ids if tokens.ids.is_contiguous() else tokens.ids.contiguous()
+        t_scalar, t_rows = tokens.temperature_args
+        ids = tokens.ids
         logprobs, entropy, m, log_sum, mean_rel = torch.ops.grpo_kernels.logits_sweep(
             rows, ids, t_scalar, t_rows, tokens.active, 0, False, backend, o.inplace_backward)
         loss, out, coef = token_loss.token_loss(logprobs, entropy, tokens, o)

@@ -180,9 +180,8 @@ def linear_sweep_rows(hidden: Tensor, weight: Tensor, bias: Tensor | None, token
         weight = weight.contiguous()
     if bias is not None and bias.stride(0) != 1:
         bias = bias.contiguous()
-    temperature = tokens.temperature
-    t_scalar, t_rows = (1.0, temperature) if isinstance(temperature, Tensor) else (float(temperature), None)
-    ids = tokens.ids if tokens.ids.is_contiguous() else tokens.ids.contiguous()
+    t_scalar, t_rows = tokens.temperature_args
+    ids = tokens.ids
     if tp_group is not None:
         from ..distributed import vocab_parallel_linear_sweep
 

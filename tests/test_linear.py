@@ -120,7 +120,7 @@ def test_triton_sweep_matches_float64(dtype, N, V, H, bias, entropy_grad, temper
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_triton_sweep_default_config(dtype):
-    """The shipped tiles (128-wide for 16-bit) on a problem smaller than one tile."""
+    """The shipped tiles (128 x 64 for 16-bit) on a problem smaller than one tile."""
     check_sweep(triton_linear, dtype, 45, 300, 40, True, True, 0.8, 0, fwd_tol=1e-5,
                 grad_tol=1e-5 if dtype == torch.float32 else 5e-3)
 
@@ -459,13 +459,7 @@ def test_kernels_compile_for_sm80_and_sm90(aot_reports):
     assert {(r["kernel"], r["arch"]) for r in aot_reports} == {(n, a) for n in names for a in (80, 90)}
     for r in aot_reports:
         where = f"{r['kernel']} sm_{r['arch']}: {r}"
-        if "temprows" in r["kernel"]:
-            # Known: a per-token temperature adds a (BLOCK_N, 1) operand to the 128 x 128 16-bit tile,
-            # which sits at 255 registers; on sm_80 the forward and dz variants spill (224 / 408 bytes
-            # of stack, seen here). Slower, not wrong: a smaller tile for them is to be tuned on a GPU.
-            assert r["local"] == 0, "local memory in " + where
-        else:
-            assert r["stack"] == 0 and r["local"] == 0, "register spills in " + where
+        assert r["stack"] == 0 and r["local"] == 0, "register spills in " + where
         assert r["shared"] + r["shared_dynamic"] <= SMEM_LIMIT[r["arch"]], "shared memory over the limit in " + where
         assert r["mma"] > 0 or "float32" in r["kernel"], "no tensor-core MMA in " + where
         # dz is written (and read back) in whole 16-byte vectors, never element by element.

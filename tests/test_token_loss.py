@@ -1,6 +1,6 @@
-"""token_loss.py (the token-level loss in two Triton kernels) against loss.py, option by option.
+"""token_loss.py (the loss in two Triton kernels) against loss.py, option by option.
 
-The fast path runs for dapo, bnpo and dr_grpo at token level on the Triton backend; these tests
+The fast path runs for the clipped family at token and sequence level on the Triton backend; these tests
 hold its value, every metric and the gradient to the PyTorch loss layer on the same sweep
 outputs, and check that every other option falls back to loss.py.
 """
@@ -25,7 +25,8 @@ def fast_options(draw):
     o = dict(loss_type=draw(st.sampled_from(token_loss.LOSS_TYPES)), beta=draw(st.sampled_from([0.0, 0.04, 0.5])),
              epsilon_low=draw(st.sampled_from([0.2, 0.1])), epsilon_high=draw(st.sampled_from([None, 0.28])),
              kl_estimator=draw(st.sampled_from(["k1", "k2", "k3"])), use_bias_correction_kl=draw(st.booleans()),
-             temperature=draw(st.sampled_from([1.0, 0.7])))
+             temperature=draw(st.sampled_from([1.0, 0.7])),
+             importance_sampling_level=draw(st.sampled_from(["token", "sequence"])))
     if draw(st.booleans()):
         o["delta"] = 1.5 + draw(st.sampled_from([0.0, 1.0]))
     if draw(st.booleans()):
@@ -36,8 +37,8 @@ def fast_options(draw):
         o["num_items_in_batch"] = draw(st.sampled_from([5.0, torch.tensor(9.0)]))
     if o["loss_type"] == "dr_grpo":
         o["max_completion_length"] = draw(st.sampled_from([None, 8]))
-        if draw(st.booleans()):
-            o["num_sequences_in_batch"] = 7
+    if o["loss_type"] in ("grpo", "dr_grpo", "luspo") and draw(st.booleans()):
+        o["num_sequences_in_batch"] = 7
     return o
 
 
@@ -81,7 +82,8 @@ def test_fast_path_equals_the_loss_layer(o, B, T, V, seed, mask_kind, per_token_
     assert torch.allclose(metrics["logprobs"], want_metrics["logprobs"], atol=1e-6)
 
 
-@pytest.mark.parametrize("keywords", [dict(loss_type="grpo"), dict(importance_sampling_level="sequence"),
+@pytest.mark.parametrize("keywords", [dict(loss_type="sapo"), dict(importance_sampling_level="sequence_token"),
+                                      dict(importance_sampling_level="sequence", beta=0.1, kl_ratio="sequence"),
                                       dict(top_entropy_quantile=0.5), dict(off_policy_mask_threshold=0.1),
                                       dict(loss_agg_mode="token-mean"), dict(kl_clamp=10.0),
                                       dict(vllm_importance_sampling_mode="token_truncate"),
@@ -89,6 +91,6 @@ def test_fast_path_equals_the_loss_layer(o, B, T, V, seed, mask_kind, per_token_
 def test_everything_else_runs_the_loss_layer(keywords):
     x, ids, adv = torch.randn(2, 3, 9), torch.zeros(2, 3, dtype=torch.long), torch.randn(2)
     o = GRPOOptions(**keywords)
-    tokens = build_tokens(ids, adv, None, None, None, torch.ones(2, 3), None, None, o, logits=x)
+    tokens = build_tokens(ids, adv, None, None, torch.randn(2, 3) - 2, torch.ones(2, 3), None, None, o, logits=x)
     assert not token_loss.supports(o, tokens, "triton", None)
     assert not token_loss.supports(GRPOOptions(), tokens, "torch", None)

@@ -107,8 +107,36 @@ def shipped_launches():
                    *sweep.backward_launch(logits, ids, temperature, active, *outs[2:5], outs[0], outs[1], grad, 7))
 
 
+def loss_launches():
+    """The Triton loss (token_loss.py) in the variants the two layouts and the main options make."""
+    from grpo_kernels import token_loss
+    from grpo_kernels.layout import build_tokens
+    from grpo_kernels.options import GRPOOptions
+
+    B, T = 4, 300
+    ids = torch.zeros(B, T, dtype=torch.int64)
+    lp, ent = torch.empty(B * T), torch.empty(B * T)
+    for name, keywords in (("dapo", dict(beta=0.04, entropy_coef=0.01, delta=2.0, dual_clip=3.0)),
+                           ("grpo-sequence", dict(loss_type="grpo", beta=0.04, importance_sampling_level="sequence")),
+                           ("bnpo-k2", dict(loss_type="bnpo", beta=0.1, kl_estimator="k2",
+                                            use_bias_correction_kl=False))):
+        o = GRPOOptions(**keywords)
+        for packed in (False, True):
+            if packed:
+                tokens = build_tokens(ids.reshape(-1), torch.empty(B, 1), torch.ones(B * T, dtype=torch.bool),
+                                      torch.empty(B * T), torch.empty(B * T), torch.empty(B * T), None,
+                                      torch.tensor([0, 100, 300, 700, 1200]), o)
+            else:
+                tokens = build_tokens(ids, torch.empty(B, T), torch.ones(B, T), torch.empty(B, T), torch.empty(B, T),
+                                      None, None, None, o)
+            coef, sums = torch.empty(B * T), torch.empty(token_loss.NUM_SUMS, B)
+            suffix = f"{name}-{'packed' if packed else 'padded'}"
+            yield ("loss-" + suffix, *token_loss.loss_launch(lp, ent, tokens, o, coef, sums))
+            yield ("sums-" + suffix, *token_loss.sums_launch(sums, tokens, o, torch.empty(()), torch.empty(7)))
+
+
 def main() -> int:
-    for name, kernel, _grid, args, meta in shipped_launches():
+    for name, kernel, _grid, args, meta in (*shipped_launches(), *loss_launches()):
         for arch in ARCHS:
             print(json.dumps(report(name, compile_launch(kernel, args, meta, arch), arch)), flush=True)
     return 0

@@ -10,11 +10,15 @@ respect to that view, so no implementation is charged for autograd's slice-backw
 The fused-linear unit (issue 6) has its own case, inputs and oracle (LinearCase,
 make_linear_problem, linear_oracle): hidden states (B, T, H) and lm_head.weight (V, H)
 instead of logits, checked on the loss and on the gradients of both.
+
+Each case has a padding profile (Case.padding): "mild", the default, where a completion
+loses up to T/8 of its length, or "heavy" (issue 11 item 4), log-normal completion lengths
+between T/8 and T that leave about half of the (B, T) rows masked (see HEAVY_MEDIAN).
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -32,8 +36,31 @@ LOGIT_SCALE = 4.0
 # so both branches of the clipped objective are exercised and validated.
 LOGPROB_NOISE = 0.3
 # Completions lose up to 1/8 of their length to padding: the mask matters, yet the bytes
-# of every row are still (almost all) part of the work, so GB/s stay comparable.
+# of every row are still (almost all) part of the work, so GB/s stay comparable. This is
+# the "mild" padding of Case.padding, the default.
 MAX_PAD_FRACTION = 8
+# The "heavy" padding (issue 11 item 4): completion lengths with the spread of a GRPO
+# batch, where most answers stop well short of max_completion_length and some hit it.
+# Each row's length is T * HEAVY_MEDIAN * exp(HEAVY_SIGMA * z), z ~ N(0, 1), rounded and
+# clipped to [T / HEAVY_MIN_FRACTION, T]: a log-normal with median 0.4 T, a tail of about
+# 11% of the rows truncated at T and about 6% at the floor T / 8. The expected share of
+# masked (B, T) entries is 52.6%. The z of a batch are stratified: one per 1/B quantile
+# band of N(0, 1), drawn uniformly from the middle half of its band, the bands in random
+# order. The batch then spans the distribution from its short to its truncated answers,
+# and its padding share stays in the intended 40-60% even for the bench's few sequences
+# (B = 4 on the CPU, 8 and 16 at the GPU work unit). Over 1000 seeds it lies in
+# [0.47, 0.58] at B = 4, T = 128 (independent draws: [0.04, 0.83]), [0.51, 0.55] at
+# B = 8 and [0.52, 0.53] at B = 16, T = 1024.
+HEAVY_MEDIAN, HEAVY_SIGMA, HEAVY_MIN_FRACTION = 0.4, 0.75, 8
+HEAVY_EXPECTED_PADDING = 0.526
+# Case.padding: the name of a padding profile, as written to the results, and what it is.
+PADDINGS = ("mild", "heavy")
+PADDING_PROFILES = {
+    "mild": "each completion loses 0 to T/8 of its length, uniformly (about 6% of the rows masked)",
+    "heavy": (f"completion lengths T * {HEAVY_MEDIAN} * exp({HEAVY_SIGMA} z), z ~ N(0, 1) stratified over the batch, "
+              f"rounded and clipped to [T/{HEAVY_MIN_FRACTION}, T] (a clipped log-normal; about "
+              f"{HEAVY_EXPECTED_PADDING:.0%} of the rows masked)"),
+}
 # Elements per chunk when a helper here walks the rows (sampling, the oracle): big
 # enough to amortise launches, small enough to leave the GPU's memory to the candidates.
 CHUNK_ELEMENTS = 1 << 25
@@ -66,10 +93,16 @@ class Case:
     beta: float
     level: str  # importance_sampling_level: "token" or "sequence" (GSPO)
     seq_len: int  # T; the batch is n_tokens / T sequences
+    # A key of PADDINGS: "mild" (up to T/8 per row) or "heavy" (log-normal lengths, about
+    # half the rows masked). Keyword-only, so positional Case(...) and LinearCase(...)
+    # calls, and code that builds a Case without it, keep today's mild padding.
+    padding: str = field(default="mild", kw_only=True)
 
     def __post_init__(self) -> None:
         if self.n_tokens % self.seq_len:
             raise ValueError(f"n_tokens={self.n_tokens} is not a multiple of seq_len={self.seq_len}")
+        if self.padding not in PADDINGS:
+            raise ValueError(f"padding={self.padding!r}; choose from {', '.join(PADDINGS)}")
 
     @property
     def batch(self) -> int:
@@ -130,6 +163,34 @@ def _row_chunks(B: int, T: int, V: int):
             yield b, slice(t0, min(t0 + rows, T))
 
 
+def completion_lengths(padding: str, B: int, T: int, gen: torch.Generator, device: torch.device) -> torch.Tensor:
+    """(B,) int64 completion lengths in [1, T] for a padding profile (see MAX_PAD_FRACTION,
+    HEAVY_*). "mild" draws exactly what make_problem drew before profiles existed, so
+    mild problems are unchanged seed for seed."""
+    if padding == "mild":
+        return T - torch.randint(0, T // MAX_PAD_FRACTION + 1, (B,), generator=gen, device=device)
+    if padding != "heavy":
+        raise ValueError(f"padding={padding!r}; choose from {', '.join(PADDINGS)}")
+    # One uniform per 1/B band, from the middle half of it, the bands in random order.
+    band = torch.randperm(B, generator=gen, device=device).double()
+    u = (band + 0.25 + 0.5 * torch.rand(B, generator=gen, device=device, dtype=torch.float64)) / B
+    z = torch.special.ndtri(u)  # u in (0, 1): finite
+    lengths = (T * HEAVY_MEDIAN * torch.exp(HEAVY_SIGMA * z)).round()
+    return lengths.clamp(max(1, T // HEAVY_MIN_FRACTION), T).to(torch.int64)
+
+
+def completion_mask(case: Case, gen: torch.Generator, device: torch.device) -> torch.Tensor:
+    """(B, T) int64: ones then padding, as TRL's completion_mask, for case.padding."""
+    B, T = case.batch, case.seq_len
+    lengths = completion_lengths(case.padding, B, T, gen, device)
+    return (torch.arange(T, device=device) < lengths.unsqueeze(1)).to(torch.int64)
+
+
+def padding_fraction(mask: torch.Tensor) -> float:
+    """The share of the (B, T) entries that are padding (mask 0): the "padding" of a results row."""
+    return 1.0 - float(mask.sum()) / max(mask.numel(), 1)
+
+
 def make_problem(case: Case, device: torch.device, seed: int = 0) -> Problem:
     """Fresh random inputs for `case`, reproducible from `seed`."""
     B, T, V = case.batch, case.seq_len, case.vocab
@@ -153,8 +214,7 @@ def make_problem(case: Case, device: torch.device, seed: int = 0) -> Problem:
         ids[b, ts] = y
         logprobs[b, ts] = z.log_softmax(-1).gather(-1, y.unsqueeze(-1)).squeeze(-1)
 
-    lengths = T - torch.randint(0, T // MAX_PAD_FRACTION + 1, (B,), generator=gen, device=device)
-    mask = (torch.arange(T, device=device) < lengths.unsqueeze(1)).to(torch.int64)
+    mask = completion_mask(case, gen, device)
     old = logprobs + LOGPROB_NOISE * randn(B, T)
     ref = logprobs + LOGPROB_NOISE * randn(B, T) if case.beta != 0.0 else None
     return Problem(case, padded, ids, randn(B), mask, old, ref)
@@ -358,8 +418,7 @@ def make_linear_problem(case: LinearCase, device: torch.device, seed: int = 0) -
     del w64
     ids, lp, rounding = ids.view(B, T), lp.view(B, T), rounding.view(B, T)
 
-    lengths = T - torch.randint(0, T // MAX_PAD_FRACTION + 1, (B,), generator=gen, device=device)
-    mask = (torch.arange(T, device=device) < lengths.unsqueeze(1)).to(torch.int64)
+    mask = completion_mask(case, gen, device)
     old = lp.float() + LOGPROB_NOISE * randn(B, T)
     ref = lp.float() + LOGPROB_NOISE * randn(B, T) if case.beta != 0.0 else None
     old, nudged = _keep_off_clip_bounds(case, lp, old, mask, 2 * rounding + CLIP_MARGIN_FLOOR)

@@ -1,7 +1,12 @@
 """The results: derived figures, the stdout table, the JSON of SPEC section 5, the PNG plot.
 
 Rows of the fused-linear unit (issue 6) carry `hidden` (H); their figures are FLOP rates and
-ratios to the unfused path, not bandwidths, and they get their own blocks and panels."""
+ratios to the unfused path, not bandwidths, and they get their own blocks and panels.
+
+Rows carry their case's padding profile (`padding_kind`: "mild" or "heavy", issue 11 item 4)
+and the share of the (B, T) rows masked (`padding`). The profile is part of the case: a heavy
+row is compared with the heavy rows of its shape only, and gets its own block in the table.
+Rows written before profiles existed read as mild."""
 from __future__ import annotations
 
 import json
@@ -23,8 +28,19 @@ PASSES = 3
 ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
+def padding_kind(row: dict) -> str:
+    return row.get("padding_kind") or "mild"
+
+
 def case_key(row: dict) -> tuple:
-    return row["n_tokens"], row["vocab"], row["dtype"], row["beta"], row["level"], row.get("hidden") or 0
+    return (row["n_tokens"], row["vocab"], row["dtype"], row["beta"], row["level"], row.get("hidden") or 0,
+            padding_kind(row))
+
+
+def _padding_note(row: dict) -> str:
+    """The case's padding for a block header: profile and masked share where known."""
+    share = row.get("padding")
+    return f"padding {padding_kind(row)}" + (f" ({share:.1%} of rows masked)" if share is not None else "")
 
 
 def is_linear(row: dict) -> bool:
@@ -119,15 +135,18 @@ def table(results: dict) -> str:
     linear_head = (f"{'impl':<13}{'fwd ms':>9}{'fwd+bwd ms':>12}{'peak MB':>10}{'beyond MB':>11}{'% unfused':>14}"
                    f"{'TFLOP/s':>10}" + "".join(f"{'x ' + b:>16}" for b in LINEAR_BASELINES) + f"{'max err':>10}  note")
     order = {name: i for i, name in enumerate(ALL)}
-    rows = sorted(results["rows"], key=lambda r: (case_key(r), order.get(r["impl"], 99)))
+    # Each shape's mild block first, then its heavy one.
+    rows = sorted(results["rows"], key=lambda r: (case_key(r)[:-1], padding_kind(r) != "mild", case_key(r),
+                                                  order.get(r["impl"], 99)))
     for key, group in groupby(rows, key=case_key):
         group = list(group)
-        n, v, dtype, beta, level, h = key
+        n, v, dtype, beta, level, h, _ = key
         r0 = group[0]
         lines.append("")
         if h:
-            lines.append(f"N={n} V={v} H={h} {dtype} beta={beta} {level}-level, fused linear  (B={r0.get('batch')}, "
-                         f"T={r0.get('seq_len')}; the logits would be {logits_bytes(r0) / 1e9:.3g} GB; "
+            lines.append(f"N={n} V={v} H={h} {dtype} beta={beta} {level}-level, fused linear, {_padding_note(r0)}  "
+                         f"(B={r0.get('batch')}, T={r0.get('seq_len')}; the logits would be "
+                         f"{logits_bytes(r0) / 1e9:.3g} GB; "
                          f"6NHV = {linear_flops(r0) / 1e12:.3g} TFLOP)")
             lines.append(linear_head)
             for r in group:
@@ -141,7 +160,8 @@ def table(results: dict) -> str:
                     + "".join(f"{_fmt(speed.get(b), '.2f'):>16}" for b in LINEAR_BASELINES)
                     + f"{_fmt(r.get('max_err'), '.1e'):>10}  {r.get('note') or ''}")
             continue
-        lines.append(f"N={n} V={v} {dtype} beta={beta} {level}-level  (B={r0.get('batch')}, T={r0.get('seq_len')}; "
+        lines.append(f"N={n} V={v} {dtype} beta={beta} {level}-level, {_padding_note(r0)}  "
+                     f"(B={r0.get('batch')}, T={r0.get('seq_len')}; "
                      f"logits {logits_bytes(r0) / 1e9:.3g} GB; three-pass floor {_fmt(r0.get('floor_ms'), '.3g')} ms)")
         lines.append(head)
         for r in group:
@@ -174,11 +194,20 @@ def write_json(results: dict, path: Path) -> None:
 
 def _plot_slice(rows: list[dict]) -> dict:
     """The (dtype, beta, level) the plot shows: the full objective (largest beta) at token
-    level, in bf16 where it was measured: the setting of SPEC section 4."""
+    level, in bf16 where it was measured: the setting of SPEC section 4. Mild padding where
+    the run has it: the heavy cases are one shape each, in the table and the JSON."""
+    kinds = {padding_kind(r) for r in rows}
+    kind = "mild" if "mild" in kinds else sorted(kinds)[0]
+    rows = [r for r in rows if padding_kind(r) == kind]
     dtypes = {r["dtype"] for r in rows}
     return {"dtype": "bfloat16" if "bfloat16" in dtypes else sorted(dtypes)[0],
             "beta": max(r["beta"] for r in rows),
-            "level": "token" if any(r["level"] == "token" for r in rows) else rows[0]["level"]}
+            "level": "token" if any(r["level"] == "token" for r in rows) else rows[0]["level"],
+            "padding_kind": kind}
+
+
+def _in_slice(row: dict, sl: dict) -> bool:
+    return all((padding_kind(row) if k == "padding_kind" else row[k]) == v for k, v in sl.items())
 
 
 def plot(results: dict, path: Path) -> None:
@@ -196,13 +225,14 @@ def plot(results: dict, path: Path) -> None:
     titles = []
     if rows:
         sl = _plot_slice(rows)
-        rows = [r for r in rows if all(r[k] == v for k, v in sl.items())]
-        titles.append(f"{sl['dtype']}, beta = {sl['beta']}, {sl['level']}-level, DAPO loss")
+        rows = [r for r in rows if _in_slice(r, sl)]
+        titles.append(f"{sl['dtype']}, beta = {sl['beta']}, {sl['level']}-level, DAPO loss, "
+                      f"{sl['padding_kind']} padding")
     if linear:
         sl_linear = _plot_slice(linear)
-        linear = [r for r in linear if all(r[k] == v for k, v in sl_linear.items())]
+        linear = [r for r in linear if _in_slice(r, sl_linear)]
         titles.append(f"fused linear (H = {linear[0]['hidden']}, V = {linear[0]['vocab']}): {sl_linear['dtype']}, "
-                      f"beta = {sl_linear['beta']}, {sl_linear['level']}-level")
+                      f"beta = {sl_linear['beta']}, {sl_linear['level']}-level, {sl_linear['padding_kind']} padding")
     token_counts = sorted({r["n_tokens"] for r in rows}) or ([] if linear else [0])
     n_panels = len(token_counts) + bool(linear)
     fig, axes = plt.subplots(n_panels, 2, figsize=(11, 3.6 * n_panels), squeeze=False)
@@ -277,5 +307,6 @@ def summarize_errors(rows: Iterable[dict]) -> list[str]:
     for r in rows:
         if r["fwd_bwd_ms"] is None:
             shape = f"N={r['n_tokens']} V={r['vocab']}" + (f" H={r['hidden']}" if is_linear(r) else "")
-            lines.append(f"{r['impl']} at {shape} {r['dtype']} beta={r['beta']} {r['level']}: {r['note']}")
+            pad = "" if padding_kind(r) == "mild" else f" {padding_kind(r)} padding"
+            lines.append(f"{r['impl']} at {shape} {r['dtype']} beta={r['beta']} {r['level']}{pad}: {r['note']}")
     return lines

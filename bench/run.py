@@ -11,12 +11,19 @@ runs the same way on its own cases, with its own implementations: each is checke
 loss and on the gradients of hidden and weight, against the float64 reference through the
 explicit logits.
 
+Every case has a padding profile (problem.Case.padding): "mild", where completions lose
+up to T/8 of their length, or "heavy" (issue 11 item 4), log-normal completion lengths that
+leave about half of the (B, T) rows masked. The heavy cases run every implementation at one
+shape of each unit: the work unit's shapes (GPU) or the grid's smallest (CPU, smoke). Each
+row records its profile ("padding_kind") and the share of its (B, T) rows masked ("padding").
+
 The results file is rewritten after every case, so a run stopped by a time limit still
 leaves every finished case on disk ("complete": false until the end).
 
     python -m bench.run                # GPU grid when CUDA is there, else the CPU grid
     python -m bench.run --quick        # the work-unit shapes only (GPU)
     python -m bench.run --unit linear  # the fused-linear cases only (--unit logits: the others)
+    python -m bench.run --padding heavy  # the padding-heavy cases only (--padding mild: the others)
     python -m bench.run --smoke --out /tmp/x   # tiny shapes, two reps: the test suite's check
 """
 from __future__ import annotations
@@ -32,8 +39,9 @@ import torch
 
 from . import measure, report
 from .impls import ALL, Impl, discover
-from .problem import (LINEAR_TOLERANCE, TOLERANCE, Case, LinearCase, LinearOracle, LinearProblem, Oracle, Problem,
-                      error, linear_error, linear_oracle, make_linear_problem, make_problem, oracle)
+from .problem import (LINEAR_TOLERANCE, PADDING_PROFILES, PADDINGS, TOLERANCE, Case, LinearCase, LinearOracle,
+                      LinearProblem, Oracle, Problem, error, linear_error, linear_oracle, make_linear_problem,
+                      make_problem, oracle, padding_fraction)
 
 DEFAULT_OUT = measure.REPO / "bench" / "results"
 
@@ -57,6 +65,13 @@ LINEAR_HIDDEN, LINEAR_VOCAB, LINEAR_TOKENS = 4096, 151936, (8192, 16384)
 CPU_LINEAR = dict(n_tokens=256, vocab=4096, hidden=64, seq_len=64)
 SMOKE_LINEAR = dict(n_tokens=64, vocab=500, hidden=32, seq_len=16)
 UNITS = ("all", "logits", "linear")
+# The padding-heavy cases (issue 11 item 4; problem.HEAVY_*): the full objective in every
+# implementation, both levels. GPU: the work unit's two shapes in bf16, right after the
+# mild work unit, and the first fused-linear shape after the mild fused-linear cases. CPU
+# and smoke: the grid's smaller vocabulary in both dtypes, and the fused-linear shape in
+# both dtypes. On this CPU they add about a minute to `make bench` (bench/NOTES.md).
+HEAVY_BETA = 0.04
+PADDING_CHOICES = ("all",) + PADDINGS
 # Torch threads on the CPU. The development machine has two cores shared with other work,
 # and while another process held one of them, two OpenMP threads ran the same step 5x
 # slower than one: their barriers spin on a core they do not have (measured here on
@@ -73,27 +88,35 @@ def gpu_cases(quick: bool) -> list[Case]:
     shapes = WORK_UNIT if quick else [(n, v) for n in GPU_TOKENS for v in GPU_VOCABS]
     cases = [Case(n, v, "bfloat16", beta, level, GPU_SEQ_LEN)
              for n, v in shapes for level in LEVELS for beta in BETAS]
+    cases += [Case(n, v, "bfloat16", HEAVY_BETA, level, GPU_SEQ_LEN, padding="heavy")
+              for n, v in WORK_UNIT for level in LEVELS]
     fp32_vocabs = (151936,) if quick else GPU_VOCABS
     cases += [Case(8192, v, "float32", 0.04, "token", GPU_SEQ_LEN) for v in fp32_vocabs]
     return sorted(cases, key=lambda c: ((c.n_tokens, c.vocab) not in WORK_UNIT, c.dtype != "bfloat16",
-                                        c.n_tokens, c.vocab, c.level != "token", c.beta))
+                                        c.padding != "mild", c.n_tokens, c.vocab, c.level != "token", c.beta))
 
 
 def linear_cases(mode: str, smoke: bool) -> list[LinearCase]:
     """The fused-linear cases: GPU as LINEAR_*, the CPU and smoke shapes otherwise."""
     if mode == "gpu" and not smoke:
         return [LinearCase(n, LINEAR_VOCAB, "bfloat16", 0.04, "token", GPU_SEQ_LEN, LINEAR_HIDDEN)
-                for n in LINEAR_TOKENS]
+                for n in LINEAR_TOKENS] + [
+            LinearCase(LINEAR_TOKENS[0], LINEAR_VOCAB, "bfloat16", HEAVY_BETA, "token", GPU_SEQ_LEN, LINEAR_HIDDEN,
+                       padding="heavy")]
     shape = SMOKE_LINEAR if smoke else CPU_LINEAR
     return [LinearCase(beta=0.04, dtype=dtype, level=level, **shape)
-            for dtype in ("float32", "bfloat16") for level in LEVELS]
+            for dtype in ("float32", "bfloat16") for level in LEVELS] + [
+        LinearCase(beta=HEAVY_BETA, dtype=dtype, level="token", padding="heavy", **shape)
+        for dtype in ("float32", "bfloat16")]
 
 
-def all_cases(mode: str, smoke: bool, quick: bool, unit: str) -> list[Case]:
-    """The run's cases in order. GPU: the logits work unit (bf16) first, then the fused-linear
-    cases, then the rest of the logits grid, so a run cut short by its budget has both units."""
-    logits = cpu_cases(smoke) if mode == "cpu" or smoke else gpu_cases(quick)
-    linear = linear_cases(mode, smoke)
+def all_cases(mode: str, smoke: bool, quick: bool, unit: str, padding: str = "all") -> list[Case]:
+    """The run's cases in order. GPU: the logits work unit (bf16; mild, then heavy padding)
+    first, then the fused-linear cases, then the rest of the logits grid, so a run cut short
+    by its budget has both units. `padding` keeps one profile's cases ("all": both)."""
+    keep = lambda cases: [c for c in cases if padding in ("all", c.padding)]  # noqa: E731
+    logits = keep(cpu_cases(smoke) if mode == "cpu" or smoke else gpu_cases(quick))
+    linear = keep(linear_cases(mode, smoke))
     if unit == "logits":
         return logits
     if unit == "linear":
@@ -108,8 +131,11 @@ def all_cases(mode: str, smoke: bool, quick: bool, unit: str) -> list[Case]:
 def cpu_cases(smoke: bool) -> list[Case]:
     tokens, vocabs, seq_len = (SMOKE_TOKENS, SMOKE_VOCABS, SMOKE_SEQ_LEN) if smoke else (
         CPU_TOKENS, CPU_VOCABS, CPU_SEQ_LEN)
-    return [Case(n, v, dtype, beta, level, seq_len)
+    mild = [Case(n, v, dtype, beta, level, seq_len)
             for n in tokens for v in vocabs for dtype in ("float32", "bfloat16") for level in LEVELS for beta in BETAS]
+    heavy = [Case(tokens[0], vocabs[0], dtype, HEAVY_BETA, level, seq_len, padding="heavy")
+             for dtype in ("float32", "bfloat16") for level in LEVELS]
+    return mild + heavy
 
 
 def compile_applies(case: Case, device: torch.device) -> bool:
@@ -127,7 +153,9 @@ def _row(case: Case, impl: Impl, mode: str) -> dict:
     return {"impl": impl.name, "n_tokens": case.n_tokens, "vocab": case.vocab, "dtype": case.dtype,
             "beta": case.beta, "level": case.level, "fwd_ms": None, "fwd_bwd_ms": None, "peak_extra_mb": None,
             "unit": case.unit, "hidden": case.hidden if linear else None,
-            "mode": mode, "batch": case.batch, "seq_len": case.seq_len, "inplace": impl.inplace,
+            "mode": mode, "batch": case.batch, "seq_len": case.seq_len,
+            # The case's padding profile and the share of its (B, T) rows masked (run_case fills it).
+            "padding_kind": case.padding, "padding": None, "inplace": impl.inplace,
             "max_err": None, "tolerance": (LINEAR_TOLERANCE if linear else TOLERANCE)[case.torch_dtype], "note": None}
 
 
@@ -239,12 +267,15 @@ def run_case(case: Case, impls: list[Impl], device: torch.device, timing: measur
     else:
         p = make_problem(case, device, seed)
         o = oracle(p, oracle_rows)
+    padding = round(padding_fraction(p.mask), 4)
+    print(f"  padding {case.padding}: {padding:.1%} of the {case.batch} x {case.seq_len} rows masked", flush=True)
     measure_fn = measure_linear_impl if linear else measure_impl
     rows = []
     for impl in impls:
         if impl.name == "compile" and not compile_applies(case, device):
             continue
         row = _row(case, impl, mode)
+        row["padding"] = padding
         t0 = time.perf_counter()
         try:
             row.update(measure_fn(impl, p, o, device, timing))
@@ -272,6 +303,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="GPU: the work-unit shapes only (and the fused-linear cases, unless --unit logits)")
     ap.add_argument("--unit", choices=UNITS, default="all",
                     help="the logits-kernel cases, the fused-linear cases, or all (default)")
+    ap.add_argument("--padding", choices=PADDING_CHOICES, default="all",
+                    help="the mild-padding cases, the padding-heavy cases, or all (default)")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="directory for the JSON and the PNG")
     ap.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda when available")
     ap.add_argument("--impls", help=f"comma-separated subset of: {', '.join(ALL)}")
@@ -292,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     mode = "gpu" if device.type == "cuda" else "cpu"
     if mode == "cpu":
         torch.set_num_threads(args.threads)
-    cases = all_cases(mode, args.smoke, args.quick, args.unit)
+    cases = all_cases(mode, args.smoke, args.quick, args.unit, args.padding)
     if mode == "cpu":
         timing = measure.SMOKE_TIMING if args.smoke else measure.CPU_TIMING
     else:
@@ -316,6 +349,8 @@ def main(argv: list[str] | None = None) -> int:
         "versions": {i.name: i.version for i in impls if i.version},
         "case_options": {c.level: {k: v for k, v in c.options.items() if k != "beta"} for c in cases},
         "unit": args.unit,
+        "padding": args.padding,
+        "padding_profiles": {k: v for k, v in PADDING_PROFILES.items() if any(c.padding == k for c in cases)},
         "skipped_impls": skipped,
         "skipped_cases": [],
         "rows": [],
@@ -334,7 +369,8 @@ def main(argv: list[str] | None = None) -> int:
             break
         shape = f"N={case.n_tokens} V={case.vocab}" + (f" H={case.hidden} (fused linear)"
                                                         if isinstance(case, LinearCase) else "")
-        print(f"[{i + 1}/{len(cases)}] {shape} {case.dtype} beta={case.beta} {case.level}", flush=True)
+        print(f"[{i + 1}/{len(cases)}] {shape} {case.dtype} beta={case.beta} {case.level} padding={case.padding}",
+              flush=True)
         results["rows"] += run_case(case, impls, device, timing, mode, args.seed + i, args.oracle_rows)
         report.derive(results["rows"], copy_gbps)
         report.write_json(results, json_path)

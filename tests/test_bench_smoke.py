@@ -23,6 +23,8 @@ SPEC_ROW_KEYS = {"impl", "n_tokens", "vocab", "dtype", "beta", "level", "fwd_ms"
 # SPEC section 5's impl names, and those of the fused-linear unit (issue 6; bench/NOTES.md).
 IMPLS = {"eager", "compile", "liger", "trl", "ours-triton", "ours-cuda", "ours-torch"}
 LINEAR_IMPLS = {"ours-linear", "unfused", "liger-linear", "trl-linear"}
+# The intended share of masked (B, T) rows of the padding-heavy case (bench/problem.py).
+HEAVY_RANGE = (0.40, 0.60)
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +63,24 @@ def test_results_file_has_the_spec_schema(smoke_run):
     for row in rows:
         assert row["max_err"] is not None and row["max_err"] <= row["tolerance"], row
         assert row["fwd_ms"] > 0 and row["fwd_bwd_ms"] > 0
+    # Every row records its padding: mild loses up to T/8 per row, heavy about half the rows.
+    for row in rows:
+        assert row["padding_kind"] in ("mild", "heavy")
+        lo, hi = (0.0, 1 / 8) if row["padding_kind"] == "mild" else HEAVY_RANGE
+        assert lo <= row["padding"] <= hi, row
+    # The padding-heavy case is run by every implementation of both units, in both dtypes.
+    heavy = [r for r in rows if r["padding_kind"] == "heavy"]
+    assert {(r["impl"], r["dtype"], r["level"]) for r in heavy if not r["hidden"]} == {
+        (i, d, lv) for i in ("eager", "ours-torch") for d in ("float32", "bfloat16") for lv in ("token", "sequence")}
+    assert {(r["impl"], r["dtype"]) for r in heavy if r["hidden"]} == {
+        (i, d) for i in ("ours-linear", "unfused") for d in ("float32", "bfloat16")}
+    # Each heavy row's speed-up is over the eager row of the same heavy case, not the mild one.
+    for row in heavy:
+        if row["impl"] == "ours-torch":
+            (eager,) = [r for r in heavy if r["impl"] == "eager" and r["dtype"] == row["dtype"]
+                        and r["level"] == row["level"]]
+            assert row["speedup"]["eager"] == pytest.approx(eager["fwd_bwd_ms"] / row["fwd_bwd_ms"], rel=1e-3)
+    assert results["padding_profiles"].keys() == {"mild", "heavy"}
     for row in logits:
         assert math.isclose(row["gbps"] * row["fwd_bwd_ms"] / 1e3,
                             3 * row["n_tokens"] * row["vocab"] * (4 if row["dtype"] == "float32" else 2) / 1e9,
@@ -80,15 +100,17 @@ def test_plot_and_table(smoke_run):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "CPU figures" in stdout and "ours-torch" in stdout
     assert "fused linear" in stdout and "ours-linear" in stdout and "unfused" in stdout
+    assert "padding heavy (" in stdout and "padding mild (" in stdout
 
 
+@pytest.mark.parametrize("padding", ["mild", "heavy"])
 @pytest.mark.parametrize("level", ["token", "sequence"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_oracle_is_the_float64_reference(level, dtype):
+def test_oracle_is_the_float64_reference(level, dtype, padding):
     """The harness's sampled-row oracle gives reference.grpo_loss's loss and gradient."""
     from bench.problem import Case, make_problem, oracle
 
-    p = make_problem(Case(48, 300, dtype, 0.04, level, 12), torch.device("cpu"), seed=3)
+    p = make_problem(Case(48, 300, dtype, 0.04, level, 12, padding=padding), torch.device("cpu"), seed=3)
     o = oracle(p, n_rows=20)
     logits = p.logits.double().requires_grad_(True)
     loss, _ = reference.grpo_loss(logits, p.ids, p.advantages.double(), p.mask, p.old.double(), p.ref.double(),
@@ -99,15 +121,16 @@ def test_oracle_is_the_float64_reference(level, dtype):
     torch.testing.assert_close(o.grad, grad[o.rows], rtol=1e-10, atol=1e-14)
 
 
+@pytest.mark.parametrize("padding", ["mild", "heavy"])
 @pytest.mark.parametrize("level", ["token", "sequence"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_linear_oracle_is_the_float64_reference(level, dtype):
+def test_linear_oracle_is_the_float64_reference(level, dtype, padding):
     """The fused-linear oracle gives reference.grpo_loss's loss and gradients through the
     explicit float64 logits hidden @ weight.T, and no ratio is left near a clip bound."""
     from bench import problem
     from bench.problem import LinearCase, linear_oracle, make_linear_problem
 
-    case = LinearCase(48, 300, dtype, 0.04, level, 12, 16)
+    case = LinearCase(48, 300, dtype, 0.04, level, 12, 16, padding=padding)
     p = make_linear_problem(case, torch.device("cpu"), seed=3)
     o = linear_oracle(p)
     hidden = p.hidden.double().requires_grad_(True)
@@ -189,3 +212,92 @@ def test_report_of_a_gpu_run_with_fused_linear_rows(tmp_path):
     report.plot(results, tmp_path / "r.png")
     assert (tmp_path / "r.png").stat().st_size > 10_000
     assert any("trl-linear at N=8192 V=151936 H=4096" in line for line in report.summarize_errors(results["rows"]))
+
+
+def test_padding_profiles():
+    """Mild padding draws what the harness always drew; heavy padding leaves 40-60% of the
+    (B, T) rows masked at the bench's batch sizes, with lengths spread over [T/8, T]; and
+    cases built without a profile (as ../shared/tools/traffic/meter.py builds them) are mild."""
+    from bench import problem
+    from bench.problem import Case, LinearCase, completion_lengths, make_problem, padding_fraction
+
+    cpu = torch.device("cpu")
+    for seed in range(20):
+        B, T = 4, 16
+        gen, old = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+        assert torch.equal(completion_lengths("mild", B, T, gen, cpu),
+                           T - torch.randint(0, T // 8 + 1, (B,), generator=old))
+    for B, T in ((4, 16), (4, 128), (8, 64), (16, 1024)):
+        for seed in range(50):
+            lengths = completion_lengths("heavy", B, T, torch.Generator().manual_seed(seed), cpu)
+            assert lengths.dtype == torch.int64 and lengths.shape == (B,)
+            assert int(lengths.min()) >= T // 8 and int(lengths.max()) <= T
+            share = 1 - float(lengths.sum()) / (B * T)
+            assert HEAVY_RANGE[0] <= share <= HEAVY_RANGE[1], (B, T, seed, share)
+    # Many rows: the clipped log-normal's expected share, with rows at both clip bounds.
+    lengths = completion_lengths("heavy", 4096, 1024, torch.Generator().manual_seed(0), cpu)
+    assert 1 - float(lengths.sum()) / (4096 * 1024) == pytest.approx(problem.HEAVY_EXPECTED_PADDING, abs=0.005)
+    assert 0.05 < float((lengths == 1024).double().mean()) < 0.2 and float((lengths == 128).double().mean()) > 0.03
+
+    p = make_problem(Case(64, 100, "float32", 0.04, "token", 16, padding="heavy"), cpu, seed=0)
+    assert HEAVY_RANGE[0] <= padding_fraction(p.mask) <= HEAVY_RANGE[1]
+    assert bool((p.mask[:, 0] == 1).all()) and bool((p.mask.diff(dim=1) <= 0).all())  # ones, then padding
+
+    class MeterLike(Case):  # the meter's subclass: keyword construction, no padding named
+        @property
+        def options(self):
+            return dict(Case.options.fget(self), loss_type="grpo")
+
+    case = MeterLike(n_tokens=32, vocab=64, dtype="float32", beta=0.0, level="token", seq_len=16)
+    assert case.padding == "mild" and case.options["loss_type"] == "grpo"
+    assert padding_fraction(make_problem(case, cpu, seed=1).mask) <= 1 / 8
+    assert LinearCase(48, 300, "float32", 0.04, "token", 12, 16).hidden == 16
+    with pytest.raises(ValueError, match="padding"):
+        Case(16, 10, "float32", 0.0, "token", 16, padding="extreme")
+
+
+def test_case_selection():
+    """Where the heavy cases sit in each mode's grid, and --padding's filter (no device needed)."""
+    from bench import run
+
+    gpu = run.all_cases("gpu", smoke=False, quick=False, unit="all")
+    kinds = [(c.unit, c.padding, c.unit == "logits" and (c.n_tokens, c.vocab) in run.WORK_UNIT
+              and c.dtype == "bfloat16") for c in gpu]
+    heavy_logits = [c for c in gpu if c.padding == "heavy" and c.unit == "logits"]
+    assert {(c.n_tokens, c.vocab, c.level) for c in heavy_logits} == {
+        (n, v, lv) for n, v in run.WORK_UNIT for lv in run.LEVELS}
+    assert all(c.dtype == "bfloat16" for c in heavy_logits)
+    # The mild work unit, then the heavy one, then the fused-linear cases (mild, then heavy), then the rest.
+    assert kinds[:12] == [("logits", "mild", True)] * 8 + [("logits", "heavy", True)] * 4
+    assert kinds[12:15] == [("linear", "mild", False)] * 2 + [("linear", "heavy", False)]
+    assert all(k[1] == "mild" for k in kinds[15:])
+    quick = run.all_cases("gpu", smoke=False, quick=True, unit="logits")
+    assert sum(c.padding == "heavy" for c in quick) == 4
+    cpu = run.all_cases("cpu", smoke=False, quick=False, unit="all")
+    assert {(c.unit, c.vocab) for c in cpu if c.padding == "heavy"} == {("logits", 8192), ("linear", 4096)}
+    assert len(run.all_cases("cpu", smoke=False, quick=False, unit="all", padding="mild")) == 20  # as before
+    only = run.all_cases("cpu", smoke=False, quick=False, unit="all", padding="heavy")
+    assert only and all(c.padding == "heavy" for c in only)
+
+
+def test_report_keeps_padding_profiles_apart():
+    """Mild and heavy rows of one shape are separate cases in the derived figures and the
+    table; rows written before profiles existed read as mild."""
+    from bench import report
+
+    def row(impl, ms, kind=None, share=None):
+        r = {"impl": impl, "n_tokens": 8192, "vocab": 151936, "dtype": "bfloat16", "beta": 0.04, "level": "token",
+             "fwd_ms": ms / 3, "fwd_bwd_ms": ms, "peak_extra_mb": 10.0, "max_err": 1e-3, "note": None,
+             "mode": "gpu", "batch": 8, "seq_len": 1024}
+        if kind:
+            r.update(padding_kind=kind, padding=share)
+        return r
+
+    rows = [row("eager", 12.0), row("ours-triton", 3.0), row("eager", 10.0, "heavy", 0.53),
+            row("ours-triton", 2.0, "heavy", 0.53)]
+    report.derive(rows, 3000.0)
+    assert rows[1]["speedup"]["eager"] == pytest.approx(4.0) and rows[3]["speedup"]["eager"] == pytest.approx(5.0)
+    results = {"device": "NVIDIA H200", "commit": "0" * 40, "date": "2026-01-01", "torch": "2.11.0",
+               "triton": "3.6.0", "copy_gbps": 3000.0, "mode": "gpu", "rows": rows}
+    text = report.table(results)
+    assert "padding mild" in text and "padding heavy (53.0% of rows masked)" in text

@@ -9,9 +9,10 @@ alignment and block choices are made inside, at run time.
   grpo_kernels::logits_sweep_backward   -> dL/dlogits, a new tensor
   grpo_kernels::logits_sweep_backward_  -> dL/dlogits written into the logits (inplace_backward)
 
-The backward needs only c_t = dL/dlogprob_t and e_t = dL/dentropy_t; autograd over the
-small per-token loss graph supplies them, so no loss formula is written twice
-(docs/design.md).
+The backward needs only c_t = dL/dlogprob_t and e_t = dL/dentropy_t: autograd over loss.py's
+small per-token graph supplies them, or, for the clipped family on the Triton backend,
+token_loss.py's two kernels (`TokenLevelLoss`: a step of ~11 launches). Each formula exists
+once per language (docs/design.md).
 """
 from __future__ import annotations
 
@@ -137,6 +138,14 @@ def rows_overlap(rows: Tensor) -> bool:
     return False
 
 
+def check_inplace(rows: Tensor) -> None:
+    """inplace_backward writes the gradient into the logits: their rows must not share memory."""
+    if rows_overlap(rows):
+        raise ValueError("inplace_backward=True needs logits whose rows do not overlap in memory (these are "
+                         "expanded or have overlapping strides): writing the gradient into them would mix rows. "
+                         "Pass a materialised tensor or inplace_backward=False.")
+
+
 def refuse_dtensor(**tensors) -> None:
     """DTensor inputs (FSDP2 / TP) are refused up front, with what to pass instead."""
     for name, t in tensors.items():
@@ -150,10 +159,8 @@ def sweep(logits: Tensor, tokens: Tokens, backend: str, inplace: bool, tp_group=
           ) -> tuple[Tensor, Tensor]:
     """logprobs and entropy (N,) of the rows of logits that tokens.layout describes."""
     rows = tokens.layout.logits_rows(logits)
-    if inplace and rows_overlap(rows):
-        raise ValueError("inplace_backward=True needs logits whose rows do not overlap in memory (these are "
-                         "expanded or have overlapping strides): writing the gradient into them would mix rows. "
-                         "Pass a materialised tensor or inplace_backward=False.")
+    if inplace:
+        check_inplace(rows)
     t_scalar, t_rows = tokens.temperature_args
     ids = tokens.ids
     if tp_group is not None:
@@ -206,8 +213,8 @@ class TokenLevelLoss(torch.autograd.Function):
 
 def _token_level(logits: Tensor, tokens: Tokens, o: GRPOOptions, backend: str) -> tuple[Tensor, Metrics]:
     rows = tokens.layout.logits_rows(logits)
-    if o.inplace_backward and rows_overlap(rows):
-        sweep(logits, tokens, backend, True)  # raises the overlap error
+    if o.inplace_backward:
+        check_inplace(rows)
     loss, out, logprobs = TokenLevelLoss.apply(rows, tokens, o, backend)
     metrics: Metrics = {"kl": out[0] if o.beta != 0.0 else None, "entropy": out[1], "clip_ratio_low": out[2],
                         "clip_ratio_high": out[3], "clip_ratio_region": out[4],

@@ -11,7 +11,7 @@ alignment and block choices are made inside, at run time.
 
 The backward needs only c_t = dL/dlogprob_t and e_t = dL/dentropy_t: autograd over loss.py's
 small per-token graph supplies them, or, for the clipped family on the Triton backend,
-token_loss.py's two kernels (`TokenLevelLoss`: a step of ~11 launches). Each formula exists
+loss_triton.py's two kernels (`TokenLevelLoss`: a step of ~11 launches). Each formula exists
 once per language (docs/design.md).
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch
 
-from . import token_loss
+from . import loss_triton
 from .layout import Tokens, build_tokens
 from .loss import Metrics, objective
 from .options import GRPOOptions, check_bool, check_temperature
@@ -175,7 +175,7 @@ def sweep(logits: Tensor, tokens: Tokens, backend: str, inplace: bool, tp_group=
 
 class TokenLevelLoss(torch.autograd.Function):
     """logits rows -> (loss, the five metric scalars, logprobs) through the forward sweep and
-    token_loss.py's two kernels; the backward is the backward sweep with c_t = g m_t dL_t/dl_t / n
+    loss_triton.py's two kernels; the backward is the backward sweep with c_t = g m_t dL_t/dl_t / n
     and e_t = -g coef m_t / sum(m): a handful of launches in all (issue 10)."""
 
     @staticmethod
@@ -184,7 +184,7 @@ class TokenLevelLoss(torch.autograd.Function):
         ids = tokens.ids
         logprobs, entropy, m, log_sum, mean_rel = torch.ops.grpo_kernels.logits_sweep(
             rows, ids, t_scalar, t_rows, tokens.active, 0, False, backend, o.inplace_backward)
-        loss, out, coef = token_loss.token_loss(logprobs, entropy, tokens, o)
+        loss, out, coef = loss_triton.objective(logprobs, entropy, tokens, o)
         mask = tokens.mask
         # The two scales on their own: the metrics (views of out) are the caller's to modify.
         scales = out[5:].clone()
@@ -315,7 +315,7 @@ def fused_grpo_loss(
                           sampling_logprobs, cu_seqlens, o, logits=logits, vocab_size=V)
     name = resolve_backend(o.backend, logits.device)
     require(name, logits.device)
-    if token_loss.supports(o, tokens, name, tp_group):
+    if loss_triton.supports(o, tokens, name, tp_group):
         return _token_level(logits, tokens, o, name)
     logprobs, entropy = sweep(logits, tokens, name, o.inplace_backward, tp_group, start)
     return objective(logprobs, entropy, tokens, o)

@@ -108,8 +108,8 @@ def shipped_launches():
 
 
 def loss_launches():
-    """The Triton loss (token_loss.py) in the variants the two layouts and the main options make."""
-    from grpo_kernels import token_loss
+    """The Triton loss (loss_triton.py) in the variants the two layouts and the main options make."""
+    from grpo_kernels import loss_triton
     from grpo_kernels.layout import build_tokens
     from grpo_kernels.options import GRPOOptions
 
@@ -129,10 +129,10 @@ def loss_launches():
             else:
                 tokens = build_tokens(ids, torch.empty(B, T), torch.ones(B, T), torch.empty(B, T), torch.empty(B, T),
                                       None, None, None, o)
-            coef, sums = torch.empty(B * T), torch.empty(token_loss.NUM_SUMS, B)
+            coef, sums = torch.empty(B * T), torch.empty(loss_triton.NUM_SUMS, B)
             suffix = f"{name}-{'packed' if packed else 'padded'}"
-            yield ("loss-" + suffix, *token_loss.loss_launch(lp, ent, tokens, o, coef, sums))
-            yield ("sums-" + suffix, *token_loss.sums_launch(sums, tokens, o, torch.empty(()), torch.empty(7)))
+            yield ("loss-" + suffix, *loss_triton.loss_launch(lp, ent, tokens, o, coef, sums))
+            yield ("sums-" + suffix, *loss_triton.sums_launch(sums, tokens, o, torch.empty(()), torch.empty(7)))
 
 
 def main() -> int:

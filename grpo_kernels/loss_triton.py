@@ -1,4 +1,4 @@
-"""The loss layer's formulas for the common cases in Triton: the whole loss in two launches.
+"""The loss layer in Triton for the common cases: loss.py's formulas in two launches.
 
 loss.py is the definition of the objective (PyTorch, autograd for the coefficients). On a GPU
 its per-token graph costs ~90 small kernel launches per step, more than the two vocabulary
@@ -327,7 +327,7 @@ def sums_launch(sums, tokens, o: GRPOOptions, loss, out):
     return _sums_kernel, (1,), args, dict(DIVISOR=code, CLIP_PER_SEQ=per_seq_clip, BLOCK=256, num_warps=4)
 
 
-def token_loss(logprobs: torch.Tensor, entropy: torch.Tensor, tokens, o: GRPOOptions):
+def objective(logprobs: torch.Tensor, entropy: torch.Tensor, tokens, o: GRPOOptions):
     """-> (loss (), out (7,) fp32: kl, entropy, clip low/high/region, 1/n, e_scale; coef (N,) = dL/dl
     before the batch normaliser 1/n)."""
     N, S = logprobs.shape[0], tokens.layout.num_seqs

@@ -1,4 +1,4 @@
-"""token_loss.py (the loss in two Triton kernels) against loss.py, option by option.
+"""loss_triton.py (the loss in two Triton kernels) against loss.py, option by option.
 
 The fast path runs for the clipped family at token and sequence level on the Triton backend; these tests
 hold its value, every metric and the gradient to the PyTorch loss layer on the same sweep
@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import grpo_kernels
-from grpo_kernels import reference, token_loss
+from grpo_kernels import loss_triton, reference
 from grpo_kernels.layout import build_tokens
 from grpo_kernels.options import GRPOOptions
 from helpers import rel_err
@@ -22,7 +22,7 @@ METRICS = ("kl", "entropy", "clip_ratio_low", "clip_ratio_high", "clip_ratio_reg
 
 @st.composite
 def fast_options(draw):
-    o = dict(loss_type=draw(st.sampled_from(token_loss.LOSS_TYPES)), beta=draw(st.sampled_from([0.0, 0.04, 0.5])),
+    o = dict(loss_type=draw(st.sampled_from(loss_triton.LOSS_TYPES)), beta=draw(st.sampled_from([0.0, 0.04, 0.5])),
              epsilon_low=draw(st.sampled_from([0.2, 0.1])), epsilon_high=draw(st.sampled_from([None, 0.28])),
              kl_estimator=draw(st.sampled_from(["k1", "k2", "k3"])), use_bias_correction_kl=draw(st.booleans()),
              temperature=draw(st.sampled_from([1.0, 0.7])),
@@ -68,7 +68,7 @@ def test_fast_path_equals_the_loss_layer(o, B, T, V, seed, mask_kind, per_token_
     ref = (l_now + 0.5 * torch.randn(B, T, generator=g, dtype=torch.float64)).float()
     is_ratio = torch.rand(B, T, generator=g) * 2 if with_is_ratio else None
     tokens = build_tokens(ids, adv, mask, old, ref, is_ratio, None, None, GRPOOptions(**o), logits=x)
-    assert token_loss.supports(GRPOOptions(**o), tokens, "triton", None)
+    assert loss_triton.supports(GRPOOptions(**o), tokens, "triton", None)
 
     loss, metrics, grad = _run("triton", x, ids, adv, mask, old, ref, is_ratio, o)
     want, want_metrics, want_grad = _run("torch", x, ids, adv, mask, old, ref, is_ratio, o)
@@ -92,5 +92,5 @@ def test_everything_else_runs_the_loss_layer(keywords):
     x, ids, adv = torch.randn(2, 3, 9), torch.zeros(2, 3, dtype=torch.long), torch.randn(2)
     o = GRPOOptions(**keywords)
     tokens = build_tokens(ids, adv, None, None, torch.randn(2, 3) - 2, torch.ones(2, 3), None, None, o, logits=x)
-    assert not token_loss.supports(o, tokens, "triton", None)
-    assert not token_loss.supports(GRPOOptions(), tokens, "torch", None)
+    assert not loss_triton.supports(o, tokens, "triton", None)
+    assert not loss_triton.supports(GRPOOptions(), tokens, "torch", None)

@@ -137,7 +137,7 @@ def test_num_sequences_in_batch_replaces_the_sequence_count(backend):
         assert torch.allclose(scaled * 12, base * 3, rtol=1e-6), loss_type
         scaled_t, _, _ = run(grpo_kernels.fused_grpo_loss, packed,
                              dict(o, num_sequences_in_batch=torch.tensor(12.0)), backend)
-        # (a tensor divisor runs loss.py on every backend, a number may run token_loss.py: same value)
+        # (a tensor divisor runs loss.py on every backend, a number may run loss_triton.py: same value)
         assert torch.allclose(scaled_t, scaled, rtol=1e-6)
 
 

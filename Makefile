@@ -15,6 +15,7 @@ $(STAMP): pyproject.toml setup.py
 	$(PY) -m pip install -q torch==$(TORCH_VERSION)
 	$(PY) -m pip install -q -e ".[test,bench]"
 	$(PY) -m pip install -q --no-deps verl==0.9.1 tensordict==0.10.0 pyvers==0.1.0
+	$(PY) -m pip install -q --no-deps peft==0.21.2 megatron-core==0.16.1
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -383,6 +383,10 @@ grpo_backward_kernel(const scalar_t* logits, int64_t stride_b, int64_t stride_t,
             e = grad_entropy[row] * inv_t;
             mean_rel = mean_rel_in[row];
         }
+        // The target's c (1 - p_y) as -c expm1(log p_y), once per row: for a confident token p_y
+        // rounds to 1 and 1 - p_y as a difference would lose all of it.
+        float target = 0.f;
+        if (col >= 0) target = -c * expm1f((to_float(x[col]) * inv_t - m) - log_sum);
 
         for (int64_t k0 = threadIdx.x; k0 < packs; k0 += kUnroll * kThreads) {
             // All loads first, kept in the logits' type (half the registers of fp32 for
@@ -405,15 +409,12 @@ grpo_backward_kernel(const scalar_t* logits, int64_t stride_b, int64_t stride_t,
                     // (z - m) first, exact for the large entries; then the log-sum.
                     const float d = to_float(raw[r].v[j]) * inv_t - m;
                     const float p = exp_nonpositive(d - log_sum);
-                    float gv;
+                    float gv = (col >= 0 && y_lane == j) ? target : -c * p;
                     if (kHasEntropy) {
                         // dH/dz = p (mean_rel - (z - m)); a -inf logit has p = 0 and adds 0,
                         // not 0 * inf, while a NaN p still poisons the row.
-                        gv = p * (e * (p > 0.f ? mean_rel - d : 0.f) - c);
-                    } else {
-                        gv = -c * p;
+                        gv += p * e * (p > 0.f ? mean_rel - d : 0.f);
                     }
-                    if (col >= 0 && y_lane == j) gv += c;
                     out[j] = gv;
                 }
                 store_pack(g, k, phase, V, packed_store, out);

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import options
+from . import options as option_checks
 from .options import GRPOOptions, _has_shape, check_tensor, eager_cpu, sizes_match
 
 
@@ -209,7 +209,7 @@ def check_logits(logits: torch.Tensor, layout: Layout) -> int:
 
 def check_ids(ids: torch.Tensor, V: int) -> None:
     # Through the module attribute, so a tool that wraps the check (the traffic meter) sees it.
-    options.check_ids_range(ids, V)
+    option_checks.check_ids_range(ids, V)
 
 
 def _per_token(name: str, t: torch.Tensor | None, layout: Layout, device: torch.device, *, per_seq: bool = False,

@@ -48,6 +48,15 @@ def _d_min(a, b):
 
 
 @triton.jit
+def _mask(mask_ptr, rows, ok, HAS_MASK: tl.constexpr):
+    """The mask weights of a block of rows as fp32 (1 where there is no mask, 0 past the sequence)."""
+    m = tl.where(ok, 1.0, 0.0)
+    if HAS_MASK:
+        m = tl.load(mask_ptr + rows, mask=ok, other=0).to(tl.float32)
+    return m
+
+
+@triton.jit
 def _surrogate(ratio, A, eps_low, eps_high, delta, dual_clip, HAS_DELTA: tl.constexpr, HAS_DUAL_CLIP: tl.constexpr):
     """(-min(u A, c A) with u = min(ratio, delta), c = clamp(ratio, 1 - eps_low, 1 + eps_high),
     capped at -dual_clip A for A < 0; its derivative in the ratio), as loss.py with torch's
@@ -120,9 +129,7 @@ def _loss_kernel(
     for b in range(start, end, BLOCK):
         rows = b + idx
         ok = rows < end
-        m = tl.where(ok, 1.0, 0.0)
-        if HAS_MASK:
-            m = tl.load(mask_ptr + rows, mask=ok, other=0).to(tl.float32)
+        m = _mask(mask_ptr, rows, ok, HAS_MASK)
         n += tl.sum(m, axis=0)
         if SEQ_LEVEL and HAS_OLD:
             lr = tl.load(logprobs_ptr + rows, mask=ok, other=0.0) - \
@@ -147,9 +154,7 @@ def _loss_kernel(
         ok = rows < end
         l = tl.load(logprobs_ptr + rows, mask=ok, other=0.0)
         H = tl.load(entropy_ptr + rows, mask=ok, other=0.0)
-        m = tl.where(ok, 1.0, 0.0)
-        if HAS_MASK:
-            m = tl.load(mask_ptr + rows, mask=ok, other=0).to(tl.float32)
+        m = _mask(mask_ptr, rows, ok, HAS_MASK)
         if ADV_PER_SEQ:
             A = tl.zeros((BLOCK,), tl.float32) + A_seq
         else:
@@ -193,9 +198,7 @@ def _loss_kernel(
         for b in range(start, end, BLOCK):
             rows = b + idx
             ok = rows < end
-            m = tl.where(ok, 1.0, 0.0)
-            if HAS_MASK:
-                m = tl.load(mask_ptr + rows, mask=ok, other=0).to(tl.float32)
+            m = _mask(mask_ptr, rows, ok, HAS_MASK)
             c = tl.load(coef_ptr + rows, mask=ok, other=0.0)
             tl.store(coef_ptr + rows, c + through_ratio * m, mask=ok)
 

@@ -110,6 +110,17 @@ def shard_bounds(V_local: int, vocab_start: int | None, group, device, dtype: to
     return start, end
 
 
+def vocab_bounds(V_local: int, group, vocab_start: int | None, device, dtype: torch.dtype | None
+                 ) -> tuple[int, int]:
+    """(vocab_start, V_global) of logits (or an LM head) with V_local columns: (0, V_local) without a
+    group, else the shards' bounds as shard_bounds checks them."""
+    if group is None:
+        if vocab_start not in (None, 0):
+            raise ValueError("vocab_start is for a vocab-parallel shard: pass tp_group too")
+        return 0, V_local
+    return shard_bounds(V_local, vocab_start, group, device, dtype)
+
+
 def _sum_rows(m: Tensor, s: Tensor, u: Tensor, z_y: Tensor, owned: Tensor, active: Tensor | None, group
               ) -> tuple[Tensor, ...]:
     """The two collectives of a vocab-parallel forward: MAX of m, then one SUM of (s, u, z_y, owned)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from . import options as option_checks
-from .options import GRPOOptions, _has_shape, check_tensor, eager_cpu, sizes_match
+from .options import LOGITS_DTYPES, GRPOOptions, check_tensor, eager_cpu, has_shape, sizes_match
 
 
 @dataclass(frozen=True, eq=False)
@@ -126,7 +126,8 @@ class Tokens:
 
     advantages and rollout_is_ratio are (S,) when given per sequence, else (N,); old, ref
     and sampling log-probs (N,) or None; mask (N,) in its own dtype or None; active (N,)
-    bool (mask != 0) or None; temperature a float or (N,) fp32. All but ids and mask are
+    bool (mask != 0) or None; temperature a float or (N,) fp32; advantages_per_seq and
+    rollout_per_seq say which of the two shapes those have. All but ids and mask are
     detached: they are constants of the objective. `invalid` is the device-side flag of
     the value checks (None when every check ran on the host).
     """
@@ -151,13 +152,6 @@ class Tokens:
         t = self.temperature
         return (1.0, t) if isinstance(t, torch.Tensor) else (float(t), None)
 
-    def per_seq(self, t: torch.Tensor | None) -> bool:
-        """Whether `t` (tokens.advantages or tokens.rollout_is_ratio) holds one value per sequence."""
-        if t is None:
-            return False
-        if t is self.advantages:
-            return self.advantages_per_seq
-        return t is self.rollout_is_ratio and self.rollout_per_seq
 
 
 def _layout_of(completion_ids: torch.Tensor, cu_seqlens: torch.Tensor | None) -> tuple[Layout, torch.Tensor | None]:
@@ -176,6 +170,24 @@ def _layout_of(completion_ids: torch.Tensor, cu_seqlens: torch.Tensor | None) ->
     N = completion_ids.shape[0]
     offsets, invalid = _offsets(cu_seqlens, N, completion_ids.device)
     return Layout(cu_seqlens.shape[0] - 1, N, offsets=offsets), invalid
+
+
+def rows_without_sequences(completion_ids, mask, temperature, cu_seqlens):
+    """(ids, mask, temperature) for a log-prob pass, which needs no sequences: packed ids (N,) without
+    cu_seqlens are read as one padded row (1, N), with their mask and per-token temperature."""
+    if not (isinstance(completion_ids, torch.Tensor) and completion_ids.dim() == 1 and cu_seqlens is None):
+        return completion_ids, mask, temperature
+    return (completion_ids.unsqueeze(0), None if mask is None else mask.unsqueeze(0),
+            temperature.unsqueeze(0) if isinstance(temperature, torch.Tensor) else temperature)
+
+
+def logprobs_result(tokens: Tokens, logprobs: torch.Tensor, entropy: torch.Tensor, shape, return_entropy: bool):
+    """A log-prob pass's outputs shaped like its ids: NaN log-probs where a value check failed on the
+    device, and the entropy too with return_entropy."""
+    if tokens.invalid is not None:
+        logprobs = torch.where(tokens.invalid, float("nan"), logprobs)
+    logprobs, entropy = logprobs.view(shape), entropy.view(shape)
+    return (logprobs, entropy) if return_entropy else logprobs
 
 
 def check_rows(name: str, t: torch.Tensor, layout: Layout, last: str) -> int:
@@ -199,7 +211,7 @@ def check_rows(name: str, t: torch.Tensor, layout: Layout, last: str) -> int:
 def check_logits(logits: torch.Tensor, layout: Layout) -> int:
     """logits rows against the layout; returns V (this shard's width under tensor parallelism)."""
     V = check_rows("logits", logits, layout, "V")
-    if logits.dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+    if logits.dtype not in LOGITS_DTYPES:
         raise TypeError(f"logits must be float32, bfloat16 or float16, got {logits.dtype}")
     if logits.stride(-1) != 1 and V > 1:
         raise ValueError("logits must be contiguous in the vocabulary dimension (stride(-1) == 1); "
@@ -226,7 +238,7 @@ def _per_token(name: str, t: torch.Tensor | None, layout: Layout, device: torch.
     if per_seq:
         shapes += [(S,), (S, 1)]
     check_tensor(name, t, tuple(shapes), device, floating=floating)
-    seq = per_seq and _has_shape(t, ((S,), (S, 1))) and not _has_shape(t, (layout.shape, (layout.num_rows,)))
+    seq = per_seq and has_shape(t, ((S,), (S, 1))) and not has_shape(t, (layout.shape, (layout.num_rows,)))
     return t.reshape(-1), seq
 
 

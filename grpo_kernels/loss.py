@@ -20,6 +20,7 @@ import torch
 
 from .layout import Layout, Tokens, build_tokens
 from .options import CLIPPED_LOSS_TYPES, VERL_LOSS_TYPES, GRPOOptions
+from .stats import compute_dtype
 
 Metrics = dict[str, "torch.Tensor | None"]
 
@@ -304,19 +305,19 @@ def objective(logprobs: torch.Tensor, entropy: torch.Tensor, tokens: Tokens, o: 
     """The loss and metrics from flat (N,) log-probs and entropies and the checked inputs."""
     layout = tokens.layout
     dtype = logprobs.dtype
-    N, S = layout.num_rows, layout.num_seqs
+    S = layout.num_seqs
     as_dtype = lambda t: None if t is None else t.to(dtype)  # noqa: E731
     mask = torch.ones_like(logprobs) if tokens.mask is None else tokens.mask.to(dtype)
     sums = _Sums(layout, mask, tokens.mask is None or not tokens.mask.is_floating_point())
     tok = lambda t, per_seq: layout.seq_expand(t) if per_seq else t  # noqa: E731
 
-    adv_per_seq = tokens.per_seq(tokens.advantages)
+    adv_per_seq = tokens.advantages_per_seq
     A_raw = tokens.advantages.to(dtype)  # (S,) or (N,)
     A = tok(A_raw, adv_per_seq)
     # mu = 1: old == current in value, so r == 1 while its gradient is that of l.
     old = logprobs.detach() if tokens.old_logprobs is None else tokens.old_logprobs.to(dtype)
     is_ratio = as_dtype(tokens.rollout_is_ratio)
-    is_per_seq = tokens.per_seq(tokens.rollout_is_ratio)
+    is_per_seq = tokens.rollout_per_seq
     if is_ratio is not None and o.vllm_importance_sampling_mode is not None:  # TRL's vLLM correction
         is_ratio, is_per_seq = _vllm_is_ratio(is_ratio, is_per_seq, sums, o)
     is_ratio = None if is_ratio is None else tok(is_ratio, is_per_seq)
@@ -459,7 +460,7 @@ def grpo_loss_from_logprobs(
     tokens = build_tokens(ids, advantages, completion_mask, old_logprobs, ref_logprobs, rollout_is_ratio,
                           sampling_logprobs, cu_seqlens, o)
     flat = tokens.layout.flat
-    dtype = torch.promote_types(logprobs.dtype, torch.float32)
+    dtype = compute_dtype(logprobs.dtype)
     lp = flat(logprobs).to(dtype)
     ent = torch.zeros_like(lp) if entropy is None else flat(entropy).to(dtype)
     return objective(lp, ent, tokens, o)

@@ -281,7 +281,7 @@ def supports(o: GRPOOptions, tokens, backend: str, tp_group) -> bool:
         return False  # TRL's sequence-ratio KL weight: loss.py
     if isinstance(o.num_sequences_in_batch, torch.Tensor) and o.loss_type in ("grpo", "dr_grpo", "luspo"):
         return False
-    return not tokens.per_seq(tokens.rollout_is_ratio)
+    return not tokens.rollout_per_seq
 
 
 def _divisor(o: GRPOOptions, tokens) -> tuple[int, float, torch.Tensor | None]:

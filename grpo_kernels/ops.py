@@ -21,17 +21,13 @@ from typing import Optional
 import torch
 
 from . import loss_triton
-from .layout import Tokens, build_tokens
+from .distributed import vocab_bounds
+from .layout import Tokens, build_tokens, logprobs_result, rows_without_sequences
 from .loss import Metrics, objective
 from .options import GRPOOptions, check_bool, check_temperature
-from .sweep import backend_module, require, resolve_backend
+from .sweep import backend_module, require, resolve_backend, stats_dtype
 
 Tensor = torch.Tensor
-
-
-def _stats_dtype(logits: Tensor, backend: str) -> torch.dtype:
-    # Only the PyTorch path runs float64 logits in float64 (the oracle's precision).
-    return torch.promote_types(logits.dtype, torch.float32) if backend == "torch" else torch.float32
 
 
 @torch.library.custom_op("grpo_kernels::logits_sweep", mutates_args=())
@@ -49,7 +45,7 @@ def logits_sweep(logits: Tensor, ids: Tensor, temperature: float, temperature_ro
 @logits_sweep.register_fake
 def _(logits, ids, temperature, temperature_rows, active, vocab_start, partial, backend, inplace):
     n = logits.shape[0] * logits.shape[1]
-    dtype = _stats_dtype(logits, backend)
+    dtype = stats_dtype(logits.dtype, backend)
     outs = [logits.new_empty(n, dtype=dtype) for _ in range(4 if partial else 5)]
     return (*outs, logits.new_empty(0, dtype=dtype)) if partial else tuple(outs)
 
@@ -223,15 +219,10 @@ def _token_level(logits: Tensor, tokens: Tokens, o: GRPOOptions, backend: str) -
 
 
 def _vocab(logits: Tensor, tp_group, vocab_start: int | None) -> tuple[int, int]:
-    """(vocab_start, global V) of these logits: (0, V) without tensor parallelism."""
-    V = logits.shape[-1] if isinstance(logits, Tensor) and logits.dim() >= 1 else 0
-    if tp_group is None:
-        if vocab_start not in (None, 0):
-            raise ValueError("vocab_start is for a vocab-parallel shard: pass tp_group too")
-        return 0, V
-    from .distributed import shard_bounds
-
-    return shard_bounds(V, vocab_start, tp_group, logits.device, logits.dtype)
+    """(vocab_start, global V) of these logits (a non-tensor is refused by build_tokens next)."""
+    if not isinstance(logits, Tensor) or logits.dim() < 1:
+        return 0, 0
+    return vocab_bounds(logits.shape[-1], tp_group, vocab_start, logits.device, logits.dtype)
 
 
 def token_logprobs(
@@ -255,12 +246,7 @@ def token_logprobs(
     check_temperature(temperature)
     check_bool("return_entropy", return_entropy)
     refuse_dtensor(logits=logits)
-    ids = completion_ids
-    if isinstance(ids, Tensor) and ids.dim() == 1 and cu_seqlens is None:  # packed rows, no sequences needed
-        ids = ids.unsqueeze(0)
-        mask = None if mask is None else mask.unsqueeze(0)
-        temperature = temperature.unsqueeze(0) if isinstance(temperature, Tensor) else temperature
-        logits = logits.squeeze(0) if isinstance(logits, Tensor) and logits.dim() == 3 else logits
+    ids, mask, temperature = rows_without_sequences(completion_ids, mask, temperature, cu_seqlens)
     o = GRPOOptions(temperature=temperature, backend=backend)
     start, V = _vocab(logits, tp_group, vocab_start)
     tokens = build_tokens(ids, None, mask, None, None, None, None, cu_seqlens, o, logits=logits, vocab_size=V,
@@ -268,10 +254,7 @@ def token_logprobs(
     name = resolve_backend(o.backend, logits.device)
     require(name, logits.device)
     logprobs, entropy = sweep(logits, tokens, name, False, tp_group, start)
-    if tokens.invalid is not None:
-        logprobs = torch.where(tokens.invalid, float("nan"), logprobs)
-    logprobs, entropy = logprobs.view(completion_ids.shape), entropy.view(completion_ids.shape)
-    return (logprobs, entropy) if return_entropy else logprobs
+    return logprobs_result(tokens, logprobs, entropy, completion_ids.shape, return_entropy)
 
 
 def fused_grpo_loss(

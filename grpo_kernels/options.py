@@ -297,7 +297,8 @@ def sizes_match(sizes, shapes: tuple[tuple[int, ...], ...]) -> bool:
     return False
 
 
-def _has_shape(t: torch.Tensor, shapes: tuple[tuple[int, ...], ...]) -> bool:
+def has_shape(t: torch.Tensor, shapes: tuple[tuple[int, ...], ...]) -> bool:
+    """Whether t has one of `shapes` (sizes_match on its shape)."""
     return sizes_match(tuple(t.shape), shapes)
 
 
@@ -322,7 +323,7 @@ def check_tensor(name: str, t: torch.Tensor | None, shapes: tuple[tuple[int, ...
         return
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if not _has_shape(t, shapes):
+    if not has_shape(t, shapes):
         want = " or ".join(str(s) for s in shapes)
         raise ValueError(f"{name} must have shape {want}, got {tuple(t.shape)}")
     if t.device != device:

@@ -13,11 +13,7 @@ import torch
 from .layout import build_tokens
 from .loss import Metrics, grpo_loss_from_logprobs, objective  # noqa: F401  (grpo_loss_from_logprobs: public here too)
 from .options import GRPOOptions
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype that per-token math runs in: float32, or float64 for float64 inputs."""
-    return torch.promote_types(dtype, torch.float32)
+from .stats import compute_dtype
 
 
 def token_logprobs(

@@ -14,6 +14,11 @@ from __future__ import annotations
 import torch
 
 
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype per-token math runs in: float32, or float64 for float64 inputs (the oracle)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def shift_of(M: torch.Tensor) -> torch.Tensor:
     """The max to measure from: 0 for a row that is all -inf (so exp() sees -inf, not NaN)."""
     return torch.where(M == -float("inf"), 0.0, M)

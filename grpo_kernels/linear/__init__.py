@@ -16,10 +16,11 @@ from typing import Optional
 
 import torch
 
-from ..layout import Tokens, build_tokens, check_ids, check_rows
+from ..distributed import vocab_bounds
+from ..layout import Tokens, build_tokens, check_ids, check_rows, logprobs_result, rows_without_sequences
 from ..loss import Metrics, objective
 from ..options import GRPOOptions, check_bool, check_temperature
-from ..sweep import resolve_backend
+from ..sweep import resolve_backend, stats_dtype
 
 Tensor = torch.Tensor
 HIDDEN_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -36,10 +37,6 @@ def backend_module(name: str):
 
         return triton_linear
     raise ValueError("backend='cuda' has no fused-linear sweep; use 'auto', 'triton' or 'torch'")
-
-
-def _stats_dtype(hidden: Tensor, backend: str) -> torch.dtype:
-    return torch.promote_types(hidden.dtype, torch.float32) if backend == "torch" else torch.float32
 
 
 def _temperature(temperature: float, temperature_rows: Tensor | None):
@@ -64,7 +61,7 @@ def linear_sweep(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], ids: Te
 
 @linear_sweep.register_fake
 def _(hidden, weight, bias, ids, temperature, temperature_rows, active, vocab_start, partial, backend):
-    dtype = _stats_dtype(hidden, backend)
+    dtype = stats_dtype(hidden.dtype, backend)
     outs = [hidden.new_empty(hidden.shape[0], dtype=dtype) for _ in range(4 if partial else 5)]
     return (*outs, hidden.new_empty(0, dtype=dtype)) if partial else tuple(outs)
 
@@ -192,17 +189,6 @@ def linear_sweep_rows(hidden: Tensor, weight: Tensor, bias: Tensor | None, token
     return logprobs, entropy
 
 
-def _vocab(weight: Tensor, tp_group, vocab_start: int | None) -> tuple[int, int]:
-    V = weight.shape[0]
-    if tp_group is None:
-        if vocab_start not in (None, 0):
-            raise ValueError("vocab_start is for a vocab-parallel shard: pass tp_group too")
-        return 0, V
-    from ..distributed import shard_bounds
-
-    return shard_bounds(V, vocab_start, tp_group, weight.device, weight.dtype)
-
-
 def _prepare(hidden, weight, bias, completion_ids, advantages, mask, old, ref, rollout, sampling, cu_seqlens, o,
              tp_group, vocab_start, needs_advantages, sequence_parallel):
     _check_devices(completion_ids, hidden=hidden, lm_head_weight=weight, lm_head_bias=bias)
@@ -215,7 +201,7 @@ def _prepare(hidden, weight, bias, completion_ids, advantages, mask, old, ref, r
         check_linear(hidden, weight, bias, local_rows_layout(hidden, tokens.layout, tp_group))
     else:
         check_linear(hidden, weight, bias, tokens.layout)
-    start, V = _vocab(weight, tp_group, vocab_start)
+    start, V = vocab_bounds(weight.shape[0], tp_group, vocab_start, weight.device, weight.dtype)
     check_ids(tokens.ids, V)
     name = resolve_backend(o.backend, hidden.device)
     if name == "cuda":
@@ -243,20 +229,13 @@ def linear_token_logprobs(
     old- and reference-policy passes under torch.no_grad(); differentiable too."""
     check_temperature(temperature)
     check_bool("return_entropy", return_entropy)
-    ids = completion_ids
-    if isinstance(ids, Tensor) and ids.dim() == 1 and cu_seqlens is None:  # packed rows, no sequences needed
-        ids = ids.unsqueeze(0)
-        mask = None if mask is None else mask.unsqueeze(0)
-        temperature = temperature.unsqueeze(0) if isinstance(temperature, Tensor) else temperature
+    ids, mask, temperature = rows_without_sequences(completion_ids, mask, temperature, cu_seqlens)
     o = GRPOOptions(temperature=temperature, backend=backend)
     hidden, weight, bias, tokens, name, start = _prepare(
         hidden, lm_head_weight, lm_head_bias, ids, None, mask, None, None, None, None, cu_seqlens, o, tp_group,
         vocab_start, False, sequence_parallel)
     logprobs, entropy = linear_sweep_rows(hidden, weight, bias, tokens, name, tp_group, start, sequence_parallel)
-    if tokens.invalid is not None:
-        logprobs = torch.where(tokens.invalid, float("nan"), logprobs)
-    logprobs, entropy = logprobs.view(completion_ids.shape), entropy.view(completion_ids.shape)
-    return (logprobs, entropy) if return_entropy else logprobs
+    return logprobs_result(tokens, logprobs, entropy, completion_ids.shape, return_entropy)
 
 
 def fused_linear_grpo_loss(

@@ -21,8 +21,8 @@ from collections.abc import Iterator
 
 import torch
 
-from ..stats import finish, rebase, shift_of
-from ..sweep.pytorch import compute_dtype
+from ..stats import compute_dtype, finish, rebase, shift_of
+from ..sweep.pytorch import inv_temperature
 
 # Elements of one chunk of logits (64 MiB in fp32): wide chunks keep the two matmuls per
 # chunk efficient, which matters more here than keeping a chunk in cache (torch_path).
@@ -71,14 +71,6 @@ def merge_chunks(stats: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return M, s.sum(0), u.sum(0), z_y.sum(0)
 
 
-def _inv_temperature(temperature, like: torch.Tensor):
-    """1 / temperature: a float, or (N, 1) with NaN where a per-token temperature is <= 0 or not finite."""
-    if not isinstance(temperature, torch.Tensor):
-        return 1.0 / temperature
-    t = temperature.to(like.dtype)
-    return torch.where(torch.isfinite(t) & (t > 0), 1.0 / t, float("nan")).unsqueeze(-1)
-
-
 def _rows(hidden: torch.Tensor, active: torch.Tensor | None) -> torch.Tensor:
     """hidden in the compute dtype, inactive rows read as zeros (their values never reach a sum)."""
     h = hidden.to(compute_dtype(hidden.dtype))
@@ -102,7 +94,7 @@ def forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     contract (docs/design.md), or with partial this shard's (m, s, u, z_y), each (N,)."""
     N, V = hidden.shape[0], weight.shape[0]
     h = _rows(hidden, active)
-    inv_t = _inv_temperature(temperature, h)
+    inv_t = inv_temperature(temperature, h.dtype)
     local = ids.long() - vocab_start
     chunk = vocab_chunk or default_chunk(N, V)
     stats = torch.empty((4, -(-V // chunk), N), dtype=h.dtype, device=h.device)
@@ -128,7 +120,7 @@ def backward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     needs_hidden, needs_weight, needs_bias = needs_grad
     needs_bias = needs_bias and bias is not None
     h = _rows(hidden, active)
-    inv_t = _inv_temperature(temperature, h)
+    inv_t = inv_temperature(temperature, h.dtype)
     ids = ids.long() - vocab_start
     grad_hidden = torch.zeros_like(h) if needs_hidden else None
     grad_weight = torch.empty_like(weight) if needs_weight else None

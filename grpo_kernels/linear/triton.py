@@ -44,7 +44,7 @@ import triton
 import triton.language as tl
 
 from ..stats import finish
-from ..sweep.triton import expm1, online_softmax_step
+from ..sweep.triton import expm1, inv_temperature_of, online_softmax_step, row_args
 from .pytorch import merge_chunks, vocab_chunks
 
 # The token count varies per batch: never specialised, so a new N reuses the compiled kernel.
@@ -65,8 +65,7 @@ def _tile_rows(rows, N, active_ptr, temperature_ptr, inv_temperature,
     if HAS_ACTIVE:
         row_ok = row_ok & (tl.load(active_ptr + rows, mask=rows < N, other=0) != 0)
     if PER_ROW_TEMPERATURE:
-        t = tl.load(temperature_ptr + rows, mask=rows < N, other=1.0)
-        inv_t = tl.where((t > 0.0) & (t < float("inf")), 1.0 / t, float("nan"))[:, None]
+        inv_t = inv_temperature_of(tl.load(temperature_ptr + rows, mask=rows < N, other=1.0))[:, None]
     else:
         inv_t = inv_temperature
     return row_ok, inv_t
@@ -364,21 +363,13 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _row_args(ids, temperature, active):
-    """(active pointer, temperature pointer, scalar 1/temperature, flags) of the token-tile kernels."""
-    per_row = isinstance(temperature, torch.Tensor)
-    active_arg = ids if active is None else active.view(torch.uint8)  # a bool mask read as bytes, no copy
-    return (active_arg, temperature if per_row else ids, 1.0 if per_row else 1.0 / temperature,
-            dict(HAS_ACTIVE=active is not None, PER_ROW_TEMPERATURE=per_row))
-
-
 def forward_launch(hidden, weight, bias, ids, temperature, active, stats, config: LinearConfig, vocab_start=0):
     """(kernel, grid, args, meta) of the forward sweep writing stats (4, num_chunks, N)."""
     N, H = hidden.shape
     V = weight.shape[0]
     t = config.logits
     grid = (triton.cdiv(N, t.block_m) * triton.cdiv(V, config.vocab_chunk),)
-    active_arg, temp_arg, inv, flags = _row_args(ids, temperature, active)
+    temp_arg, active_arg, inv, flags = row_args(ids, temperature, active)
     args = (hidden, weight, hidden if bias is None else bias, ids, active_arg, temp_arg, stats, N, V, H,
             *hidden.stride(), *weight.stride(), vocab_start, inv)
     meta = dict(HAS_BIAS=bias is not None, BLOCK_N=t.block_m, BLOCK_V=t.block_n, BLOCK_H=t.block_k,
@@ -401,7 +392,7 @@ def dz_launch(hidden, weight, bias, ids, temperature, active, m, log_sum, mean_r
     chunk_width = _padded_width(V, v_begin, config)
     t = config.logits
     grid = (triton.cdiv(N, t.block_m) * triton.cdiv(chunk_width, t.block_n),)
-    active_arg, temp_arg, inv, flags = _row_args(ids, temperature, active)
+    temp_arg, active_arg, inv, flags = row_args(ids, temperature, active)
     args = (hidden, weight, hidden if bias is None else bias, ids, active_arg, temp_arg, m, log_sum, mean_rel,
             grad_logprobs, grad_logprobs if grad_entropy is None else grad_entropy, dz,
             m if bias_partial is None else bias_partial,

@@ -11,6 +11,8 @@ from types import ModuleType
 
 import torch
 
+from ..stats import compute_dtype
+
 BACKENDS = ("torch", "triton", "cuda")
 
 
@@ -26,6 +28,12 @@ def resolve_backend(name: str, device: torch.device) -> str:
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of auto, triton, torch, cuda; got {name!r}")
     return name
+
+
+def stats_dtype(dtype: torch.dtype, backend: str) -> torch.dtype:
+    """The dtype of a backend's per-row outputs: fp32, except that the PyTorch paths run float64
+    inputs in float64 (the oracle's precision)."""
+    return compute_dtype(dtype) if backend == "torch" else torch.float32
 
 
 def backend_module(name: str) -> ModuleType:

@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import torch
 
+from ..stats import compute_dtype
+
 # Elements of one chunk of rows (4 MiB in fp32): big enough to amortise the op launches,
 # small enough that a chunk's fp32 temporaries stay in the CPU's cache.
 CHUNK_ELEMENTS = 1 << 20
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.promote_types(dtype, torch.float32)
 
 
 def _active_rows(active: torch.Tensor | None, n: int, device: torch.device) -> torch.Tensor:
@@ -32,11 +30,12 @@ def _chunks(rows: torch.Tensor, V: int):
         yield rows[start:start + step]
 
 
-def _inv_temperature(temperature, rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | float:
-    """1 / temperature for the chunk's rows: (k, 1), NaN where a per-token temperature is <= 0 or not finite."""
+def inv_temperature(temperature, dtype: torch.dtype, rows: torch.Tensor | None = None) -> torch.Tensor | float:
+    """1 / temperature: a float, or (k, 1) for the given rows (all rows without `rows`), NaN where a
+    per-token temperature is <= 0 or not finite."""
     if not isinstance(temperature, torch.Tensor):
         return 1.0 / temperature
-    t = temperature[rows].to(dtype)
+    t = (temperature if rows is None else temperature[rows]).to(dtype)
     ok = torch.isfinite(t) & (t > 0)
     return torch.where(ok, 1.0 / t, float("nan")).unsqueeze(-1)
 
@@ -55,7 +54,7 @@ def forward(logits, ids, temperature, active, vocab_start=0, partial=False):
     outs = [torch.zeros(n, dtype=dtype, device=logits.device) for _ in range(4 if partial else 5)]
     for rows in _chunks(_active_rows(active, n, logits.device), V):
         z = _gather(logits, rows).to(dtype)
-        z = z * _inv_temperature(temperature, rows, dtype)
+        z = z * inv_temperature(temperature, dtype, rows)
         m = z.amax(-1)
         # A row of -inf gives m = -inf; shift by 0 there so that exp() sees -inf, not NaN.
         shift = torch.where(m == -float("inf"), 0.0, m)
@@ -94,7 +93,7 @@ def backward(logits, ids, temperature, active, m, log_sum, mean_rel, grad_logpro
         grad_out[idle // T, idle % T] = 0
     c_all = torch.zeros(n, dtype=dtype, device=logits.device) if grad_logprobs is None else grad_logprobs.to(dtype)
     for rows in _chunks(rows_all, V):
-        inv_t = _inv_temperature(temperature, rows, dtype)
+        inv_t = inv_temperature(temperature, dtype, rows)
         logp = (_gather(logits, rows).to(dtype) * inv_t).sub_(m[rows].to(dtype).unsqueeze(-1))
         logp = logp.sub_(log_sum[rows].to(dtype).unsqueeze(-1))
         p = logp.exp()

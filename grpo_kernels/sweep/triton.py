@@ -70,6 +70,12 @@ def online_softmax_step(m, s, u, z, AXIS: tl.constexpr):
 
 
 @triton.jit
+def inv_temperature_of(t):
+    """1 / t, NaN for a temperature <= 0 or not finite (a bad per-token temperature is never a number)."""
+    return tl.where((t > 0.0) & (t < float("inf")), 1.0 / t, float("nan"))
+
+
+@triton.jit
 def _row_setup(row, temperature_ptr, active_ptr, inv_temperature,
                HAS_ACTIVE: tl.constexpr, PER_ROW_TEMPERATURE: tl.constexpr):
     """(active as 0 or 1, 1 / temperature of the row): NaN for a temperature <= 0 or not finite."""
@@ -78,8 +84,7 @@ def _row_setup(row, temperature_ptr, active_ptr, inv_temperature,
         active = tl.load(active_ptr + row).to(tl.int32)
     inv_t = inv_temperature
     if PER_ROW_TEMPERATURE:
-        t = tl.load(temperature_ptr + row)
-        inv_t = tl.where((t > 0.0) & (t < float("inf")), 1.0 / t, float("nan"))
+        inv_t = inv_temperature_of(tl.load(temperature_ptr + row))
     return active, inv_t
 
 
@@ -214,13 +219,14 @@ def _check_supported(logits: torch.Tensor) -> None:
         raise TypeError(f"backend='triton' takes float32, bfloat16 or float16 logits, got {logits.dtype}")
 
 
-def _row_args(ids, temperature, active):
-    """(ids, temperature pointer, active pointer, scalar 1/temperature, flags) shared by both launches."""
+def row_args(ids, temperature, active):
+    """(temperature pointer, active pointer, scalar 1/temperature, flags) of a launch that reads the
+    per-row temperature and mask (these sweeps and the fused-linear kernels)."""
     per_row = isinstance(temperature, torch.Tensor)
     inv = 1.0 if per_row else 1.0 / temperature
     # A bool mask is read as bytes: the same storage, no copy.
     active_arg = ids if active is None else active.view(torch.uint8)
-    return (ids, temperature if per_row else ids, active_arg, inv,
+    return (temperature if per_row else ids, active_arg, inv,
             dict(HAS_ACTIVE=active is not None, PER_ROW_TEMPERATURE=per_row))
 
 
@@ -228,7 +234,7 @@ def forward_launch(logits, ids, temperature, active, outs, vocab_start=0, partia
     """(kernel, grid, args, meta) of the forward sweep writing the tensors `outs` (five, or four with partial)."""
     B, T, V = logits.shape
     block_v, num_warps = _launch_config(V)
-    ids, temp_arg, active_arg, inv, flags = _row_args(ids, temperature, active)
+    temp_arg, active_arg, inv, flags = row_args(ids, temperature, active)
     outs = list(outs) + [outs[0]] * (5 - len(outs))
     args = (logits, ids, temp_arg, active_arg, *outs, T, logits.stride(0), logits.stride(1), V, vocab_start, inv)
     meta = dict(BLOCK_V=block_v, ROWS_ALIGNED=_rows_aligned(logits), PARTIAL=partial, num_warps=num_warps, **flags)
@@ -240,7 +246,7 @@ def backward_launch(logits, ids, temperature, active, m, log_sum, mean_rel, grad
     """(kernel, grid, args, meta) of the backward sweep writing grad_out."""
     B, T, V = logits.shape
     block_v, num_warps = _launch_config(V)
-    ids, temp_arg, active_arg, inv, flags = _row_args(ids, temperature, active)
+    temp_arg, active_arg, inv, flags = row_args(ids, temperature, active)
     has_grad_entropy = grad_entropy is not None
     args = (logits, grad_out, ids, temp_arg, active_arg, m, log_sum, mean_rel, grad_logprobs,
             grad_entropy if has_grad_entropy else grad_logprobs,

@@ -519,7 +519,7 @@ class Plan:
     `row_coefficients`; `args` and `meta` are the launch arguments every caller of
     row_coefficients passes on."""
 
-    def __init__(self, tokens, o: GRPOOptions, grad_scale: float, divisor=None):
+    def __init__(self, tokens, o: GRPOOptions, grad_scale: float, divisor=None, run: bool = True):
         layout = tokens.layout
         N, S = layout.num_rows, layout.num_seqs
         device = tokens.ids.device
@@ -529,26 +529,30 @@ class Plan:
         if mask is not None and mask.dtype == torch.bool:
             mask = mask.view(torch.uint8)  # the same bytes, no copy
         self.w = torch.empty(max(N, 1), **f32)
-        self.adv = tokens.advantages if not tokens.advantages_per_seq else torch.empty(max(N, 1), **f32)
-        if not tokens.advantages_per_seq and self.adv.dtype != torch.float32:
-            self.adv = self.adv.float()
+        if tokens.advantages_per_seq:
+            self.adv = torch.empty(max(N, 1), **f32)
+        else:
+            self.adv = tokens.advantages if tokens.advantages.dtype == torch.float32 else tokens.advantages.float()
         self.scal = torch.empty(2, **f32)
         self.sums = torch.empty((NUM_SUMS, max(N, 1)), **f32)
-        seq_n = torch.empty(max(S, 1), **f32)
-        if S > 0:
-            placeholder = self.w
-            _plan_kernel[(S,)](placeholder if mask is None else mask, tokens.advantages,
-                               layout.offsets if layout.packed else placeholder, self.w, self.adv, seq_n,
-                               0 if layout.packed else layout.seq_len, S, PACKED=layout.packed,
-                               HAS_MASK=mask is not None, SEQ_MEAN=o.loss_type == "grpo",
-                               ADV_PER_SEQ=tokens.advantages_per_seq, BLOCK=BLOCK, num_warps=4)
-        else:
-            seq_n.zero_()
         self.divisor = divisor_of(o, tokens) if divisor is None else divisor
         code, divisor, n_items = self.divisor
-        _plan_scalars_kernel[(1,)](seq_n, self.scal if n_items is None else n_items, self.scal, S, divisor,
-                                   float(o.entropy_coef), float(grad_scale), DIVISOR=code, BLOCK=256, num_warps=4)
+        seq_n = torch.empty(max(S, 1), **f32)
         placeholder = self.w
+        # (kernel, grid, args, meta) of the two launches, run here unless `run` is False (AOT checks).
+        self.launches = [(_plan_kernel, (S,), (
+            placeholder if mask is None else mask, tokens.advantages, layout.offsets if layout.packed else placeholder,
+            self.w, self.adv, seq_n, 0 if layout.packed else layout.seq_len, S), dict(
+            PACKED=layout.packed, HAS_MASK=mask is not None, SEQ_MEAN=o.loss_type == "grpo",
+            ADV_PER_SEQ=tokens.advantages_per_seq, BLOCK=BLOCK, num_warps=4))] if S > 0 else []
+        self.launches.append((_plan_scalars_kernel, (1,), (
+            seq_n, self.scal if n_items is None else n_items, self.scal, S, divisor, float(o.entropy_coef),
+            float(grad_scale)), dict(DIVISOR=code, BLOCK=256, num_warps=4)))
+        if run:
+            if S == 0:
+                seq_n.zero_()
+            for kernel, grid, args, meta in self.launches:
+                kernel[grid](*args, **meta)
         self.args = (self.w, placeholder if mask is None else mask, self.adv,
                      placeholder if tokens.old_logprobs is None else tokens.old_logprobs,
                      placeholder if tokens.ref_logprobs is None else tokens.ref_logprobs,
@@ -560,6 +564,14 @@ class Plan:
                          HAS_DUAL_CLIP=o.dual_clip is not None, KL_ESTIMATOR=KL_ESTIMATOR_CODES[o.kl_estimator],
                          KL_RATIO_WEIGHT=o.use_bias_correction_kl)
 
+    def coefficients_launch(self, logprobs, entropy, row_start: int, c, e):
+        """(kernel, grid, args, meta) of chunk_coefficients."""
+        n = logprobs.shape[0]
+        block = 256
+        return (_coefficients_kernel, (triton.cdiv(n, block),),
+                (logprobs, entropy, c, e, *self.args[:9], row_start, n, *self.args[9:]),
+                dict(**self.meta, BLOCK=block, num_warps=4))
+
     def chunk_coefficients(self, logprobs: torch.Tensor, entropy: torch.Tensor, row_start: int
                            ) -> tuple[torch.Tensor, torch.Tensor]:
         """(c, e) of rows [row_start, row_start + n) from their fp32 log-probs and entropies (n,),
@@ -568,10 +580,8 @@ class Plan:
         c = torch.empty(n, dtype=torch.float32, device=logprobs.device)
         e = torch.empty_like(c)
         if n > 0:
-            block = 256
-            _coefficients_kernel[(triton.cdiv(n, block),)](
-                logprobs, entropy, c, e, *self.args[:9], row_start, n, *self.args[9:], **self.meta, BLOCK=block,
-                num_warps=4)
+            kernel, grid, args, meta = self.coefficients_launch(logprobs, entropy, row_start, c, e)
+            kernel[grid](*args, **meta)
         return c, e
 
     def finish(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -47,6 +47,12 @@ Tensor = torch.Tensor
 MAX_SPLIT = 64
 
 
+@triton.jit
+def inv_inactive(x):
+    """A float32 scalar of x's shape (for zeros of a row's outputs)."""
+    return x.to(tl.float32)
+
+
 @triton.jit(do_not_specialize=_RUNTIME_INTS + ["grad_stride_b", "grad_stride_t", "N"],
             do_not_specialize_on_alignment=["ids_ptr", "temperature_ptr", "active_ptr", "logprob_ptr", "entropy_ptr",
                                             "part_ptr", "count_ptr", "w_ptr", "mask_ptr", "adv_ptr", "old_ptr",
@@ -83,12 +89,14 @@ def _two_pass_kernel(
     if active == 0:  # an inactive row is written, never read, and never waits
         tl.store(grad_row_ptr + cols, tl.zeros((BLOCK,), tl.float32).to(grad_ptr.dtype.element_ty), mask=in_row)
         if k == 0:
-            zero = tl.zeros((1,), tl.float32)
-            one = tl.arange(0, 1)
-            tl.store(logprob_ptr + row + one, zero)
-            tl.store(entropy_ptr + row + one, zero)
-            for j in tl.static_range(loss_triton.NUM_SUMS):
-                tl.store(sums_ptr + j * N + row + one, zero)
+            zero = tl.zeros_like(inv_inactive(inv_t))
+            tl.store(logprob_ptr + row, zero)
+            tl.store(entropy_ptr + row, zero)
+            # A masked row's sums are zeros, its inputs unread: row_coefficients of a dead row.
+            loss_triton.row_coefficients(
+                row, row < N, zero, zero, w_ptr, mask_ptr, adv_ptr, old_ptr, ref_ptr, rollout_ptr, scal_ptr,
+                sums_ptr, N, beta, eps_low, eps_high, delta, dual_clip, HAS_MASK, HAS_OLD, HAS_REF, HAS_ROLLOUT,
+                HAS_DELTA, HAS_DUAL_CLIP, KL_ESTIMATOR, KL_RATIO_WEIGHT)
     else:
         z = tl.load(row_ptr + cols, mask=in_row, other=-float("inf")).to(tl.float32) * inv_t
         m, s, u = online_softmax_step(-float("inf"), 0.0, 0.0, z, 0)
@@ -163,33 +171,44 @@ def default_block(V: int) -> tuple[int, int]:
     return min(block, triton.next_power_of_2(V)), 8
 
 
-def launch(rows: Tensor, grad_rows: Tensor, tokens: Tokens, plan: loss_triton.Plan, logprobs: Tensor, entropy: Tensor,
-           need_entropy_grad: bool, block: Optional[int] = None, num_warps: Optional[int] = None,
-           tickets: bool = True) -> None:
-    """The two-pass kernel over rows (B', T', V) of logits, writing grad_rows (the same shape;
-    may be rows themselves), logprobs, entropy (N,) and plan.sums. `block`, `num_warps` and
-    `tickets` override the defaults (the GPU probe measures them)."""
+def two_pass_launch(rows: Tensor, grad_rows: Tensor, tokens: Tokens, plan: loss_triton.Plan, logprobs: Tensor,
+                    entropy: Tensor, need_entropy_grad: bool, count: Tensor, part: Tensor,
+                    block: Optional[int] = None, num_warps: Optional[int] = None, tickets: bool = True):
+    """(kernel, grid, args, meta) of the two-pass kernel over rows (B', T', V) of logits, writing
+    grad_rows (the same shape; may be rows themselves), logprobs, entropy (N,) and plan.sums.
+    count (N + 1,) int32 zeros and part (N SPLIT 3,) fp32 are its exchange; `block`,
+    `num_warps` and `tickets` override the defaults (the GPU probe measures them)."""
     B, T, V = rows.shape
     N = B * T
-    if N == 0:
-        return
     default, warps = default_block(V)
     block = block or default
-    num_warps = num_warps or warps
     split = triton.cdiv(V, block)
     if split > MAX_SPLIT:
         raise ValueError(f"a row of V = {V} needs BLOCK >= {triton.next_power_of_2(triton.cdiv(V, MAX_SPLIT))}")
     t_scalar, t_rows = tokens.temperature_args
     temp_arg, active_arg, inv, flags = row_args(tokens.ids, t_rows if t_rows is not None else t_scalar,
                                                 tokens.active)
-    count = torch.zeros(N + 1, dtype=torch.int32, device=rows.device)
-    part = torch.empty(N * split * 3 if split > 1 else 1, dtype=torch.float32, device=rows.device)
-    _two_pass_kernel[(N * split,)](
-        rows, grad_rows, tokens.ids, temp_arg, active_arg, logprobs, entropy, part, count, *plan.args,
-        T, rows.stride(0), rows.stride(1), grad_rows.stride(0), grad_rows.stride(1), V, 0, inv,
-        BLOCK=block, SPLIT_BLOCK=max(triton.next_power_of_2(split), 2),
-        ROWS_ALIGNED=_rows_aligned(rows) and _rows_aligned(grad_rows), HAS_GRAD_ENTROPY=need_entropy_grad,
-        TICKETS=tickets and split > 1, num_warps=num_warps, **flags, **plan.meta)
+    args = (rows, grad_rows, tokens.ids, temp_arg, active_arg, logprobs, entropy, part, count, *plan.args,
+            T, rows.stride(0), rows.stride(1), grad_rows.stride(0), grad_rows.stride(1), V, 0, inv)
+    meta = dict(BLOCK=block, SPLIT_BLOCK=max(triton.next_power_of_2(split), 2),
+                ROWS_ALIGNED=_rows_aligned(rows) and _rows_aligned(grad_rows), HAS_GRAD_ENTROPY=need_entropy_grad,
+                TICKETS=tickets and split > 1, num_warps=num_warps or warps, **flags, **plan.meta)
+    return _two_pass_kernel, (N * split,), args, meta
+
+
+def launch(rows: Tensor, grad_rows: Tensor, tokens: Tokens, plan: loss_triton.Plan, logprobs: Tensor, entropy: Tensor,
+           need_entropy_grad: bool, block: Optional[int] = None, num_warps: Optional[int] = None,
+           tickets: bool = True) -> None:
+    """Runs the two-pass kernel (two_pass_launch) with its exchange buffers."""
+    B, T, V = rows.shape
+    if B * T == 0:
+        return
+    split = triton.cdiv(V, block or default_block(V)[0])
+    count = torch.zeros(B * T + 1, dtype=torch.int32, device=rows.device)
+    part = torch.empty(B * T * split * 3 if split > 1 else 1, dtype=torch.float32, device=rows.device)
+    kernel, grid, args, meta = two_pass_launch(rows, grad_rows, tokens, plan, logprobs, entropy, need_entropy_grad,
+                                               count, part, block, num_warps, tickets)
+    kernel[grid](*args, **meta)
 
 
 def _zero_unscored(grad: Tensor, row_start: int, T: int) -> None:

@@ -45,6 +45,8 @@ Tensor = torch.Tensor
 
 # The largest number of programs one row is split into (the merge loads them as one block).
 MAX_SPLIT = 64
+# Polls of a row's arrival counter before giving up on it (NaN row): far beyond any real wait.
+MAX_SPINS: tl.constexpr = tl.constexpr(1 << 22)
 
 
 @triton.jit
@@ -109,8 +111,12 @@ def _two_pass_kernel(
             tl.debug_barrier()  # every thread's stores before the release below
             tl.atomic_add(count_ptr + row, 1, sem="release")
             arrived = tl.atomic_add(count_ptr + row, 0, sem="acquire")
-            while arrived < split:
+            spins = 0
+            # Bounded: should a program never arrive (it cannot, by the ticket order), the row is
+            # NaN after ~1 s instead of a hung process.
+            while (arrived < split) & (spins < MAX_SPINS):
                 arrived = tl.atomic_add(count_ptr + row, 0, sem="acquire")
+                spins += 1
             ks = tl.arange(0, SPLIT_BLOCK)
             pieces = part_ptr + (row * split + ks) * 3
             there = ks < split
@@ -118,6 +124,7 @@ def _two_pass_kernel(
             m, s, u = merge_statistics(tl.load(pieces, mask=there, other=-float("inf"), cache_modifier=".cg"),
                                        tl.load(pieces + 1, mask=there, other=0.0, cache_modifier=".cg"),
                                        tl.load(pieces + 2, mask=there, other=0.0, cache_modifier=".cg"), 0)
+            m = tl.where(arrived >= split, m, float("nan"))
         log_s = tl.log(s)
         mean_rel = u / s
         y = tl.load(ids_ptr + row).to(tl.int64) - vocab_start

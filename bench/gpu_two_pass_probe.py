@@ -6,7 +6,7 @@ Run on the GPU machine (one call, ~2 minutes):  OUT=... python -m bench.gpu_two_
    at V = 151,936 (rows split over ~19 programs), 50,257 and 1,000, bf16/fp16/fp32, padded full
    output, packed rows with per-token temperature, in place, grad_scale;
 3. time at the work unit (8 x 1024 tokens x 151,936 bf16, dapo, beta 0.04, the full (B, T+1, V)
-   output): the two-pass fwd+bwd for several (BLOCK, num_warps, tickets), the forward sweep
+   output): the two-pass fwd+bwd for several (BLOCK, num_warps), the forward sweep
    (token_logprobs) for several (BLOCK_V, num_warps) with and without entropy, GSPO (three passes),
    and Liger's triton_grpo_loss when it imports.
 Prints a table last; writes two_pass_probe.json under $OUT.
@@ -177,30 +177,29 @@ def main():
 
     timed("two-pass default fwd+bwd (full output)", step())
     default_block = two_pass.default_block
-    launch_defaults = two_pass.launch.__defaults__
-    for block, warps, tickets in [(8192, 8, True), (8192, 16, True), (4096, 4, True), (4096, 8, True),
-                                  (16384, 16, True), (8192, 8, False), (4096, 8, False)]:
+    for block, warps in [(4096, 8), (2048, 4), (8192, 16), (2048, 2), (4096, 4), (2048, 8)]:
         two_pass.default_block = lambda V, b=block, w=warps: (b, w)
-        two_pass.launch.__defaults__ = launch_defaults[:-1] + (tickets,)
-        timed(f"two-pass BLOCK={block} warps={warps} tickets={tickets}", step(), block=block, warps=warps,
-              tickets=tickets)
+        timed(f"two-pass BLOCK={block} warps={warps}", step(), block=block, warps=warps)
     two_pass.default_block = default_block
-    two_pass.launch.__defaults__ = launch_defaults
-
     def fwd_only():
         with torch.no_grad():
             grpo_kernels.fused_grpo_loss(logits, ids, adv, mask, old, ref, beta=0.04, backend="triton")
     timed("two-pass default forward only (no_grad)", fwd_only)
     timed("GSPO three-pass fwd+bwd", step(importance_sampling_level="sequence"))
 
-    config = sweep_triton._launch_config
-    for block, warps in [(4096, 8), (8192, 8), (8192, 16), (16384, 16), (2048, 4)]:
-        sweep_triton._launch_config = lambda V, b=block, w=warps: (b, w)
-        for ent in (False, True):
-            timed(f"token_logprobs BLOCK_V={block} warps={warps} entropy={ent}",
-                  lambda e=ent: grpo_kernels.token_logprobs(logits, ids, return_entropy=e, backend="triton"), block=block,
-                  warps=warps, entropy=ent)
-    sweep_triton._launch_config = config
+    config = sweep_triton.forward_config
+    for lanes in (True, False):
+        sweep_triton.FORWARD_LANES = lanes
+        for block, warps in [(4096, 8), (8192, 8), (8192, 16), (16384, 16), (2048, 4), (4096, 4)]:
+            if not lanes and block not in (8192,):
+                continue
+            sweep_triton.forward_config = lambda V, b=block, w=warps: (b, w)
+            for ent in (False, True):
+                timed(f"token_logprobs lanes={lanes} BLOCK_V={block} warps={warps} entropy={ent}",
+                      lambda e=ent: grpo_kernels.token_logprobs(logits, ids, return_entropy=e, backend="triton"),
+                      block=block, warps=warps, entropy=ent, lanes=lanes)
+    sweep_triton.FORWARD_LANES = True
+    sweep_triton.forward_config = config
     try:
         sys.path.insert(0, "/tmp/site")
         from liger_kernel.transformers.grpo_loss import triton_grpo_loss

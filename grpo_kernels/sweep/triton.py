@@ -70,6 +70,22 @@ def online_softmax_step(m, s, u, z, AXIS: tl.constexpr):
 
 
 @triton.jit
+def online_softmax_lanes(m, s, u, z, ENTROPY: tl.constexpr):
+    """online_softmax_step with s and u kept per lane (vectors like z) and only the max reduced
+    per tile: one block-wide reduction per tile instead of three; sum s and u once at the end.
+    Every lane is measured from the same running max m. Without ENTROPY, u is left as it is."""
+    m_new = tl.maximum(m, tl.max(z, axis=0))
+    shift = tl.where(m_new == -float("inf"), 0.0, m_new)
+    alpha = tl.exp(m - shift)
+    z_rel = z - shift
+    e = tl.exp(z_rel)
+    if ENTROPY:
+        u = alpha * (u + tl.where(s > 0.0, m - shift, 0.0) * s) + e * tl.where(e > 0.0, z_rel, 0.0)
+    s = s * alpha + e
+    return m_new, s, u
+
+
+@triton.jit
 def online_logsumexp_step(m, s, z, AXIS: tl.constexpr):
     """online_softmax_step without u: (m, s) only, for a sweep that needs no entropy."""
     m_new = tl.maximum(m, tl.max(z, axis=AXIS))
@@ -135,7 +151,7 @@ def _sweep_fwd_kernel(
     logits_ptr, ids_ptr, temperature_ptr, active_ptr, out0_ptr, out1_ptr, out2_ptr, out3_ptr, out4_ptr,
     T, stride_b, stride_t, V, vocab_start, inv_temperature,
     BLOCK_V: tl.constexpr, ROWS_ALIGNED: tl.constexpr, HAS_ACTIVE: tl.constexpr,
-    PER_ROW_TEMPERATURE: tl.constexpr, PARTIAL: tl.constexpr, ENTROPY: tl.constexpr,
+    PER_ROW_TEMPERATURE: tl.constexpr, PARTIAL: tl.constexpr, ENTROPY: tl.constexpr, LANES: tl.constexpr,
 ):
     """Reads logits[row, :] (active rows only), ids[row], temperature[row], active[row].
     Writes fp32 [row]: out0..4 = logprob, entropy, m, log s, u/s; PARTIAL: out0..3 = m, s, u, z_y.
@@ -146,14 +162,23 @@ def _sweep_fwd_kernel(
     cols = tl.arange(0, BLOCK_V)
 
     m = -float("inf")
-    s = 0.0
-    u = 0.0
-    for start in range(0, V * active, BLOCK_V):  # no iteration, and no read, for an inactive row
-        z = tl.load(row_ptr + start + cols, mask=start + cols < V, other=-float("inf")).to(tl.float32)
-        if ENTROPY:
-            m, s, u = online_softmax_step(m, s, u, z * inv_t, 0)
-        else:
-            m, s = online_logsumexp_step(m, s, z * inv_t, 0)
+    if LANES:  # per-lane sums: one reduction per tile (the max), s and u summed once at the end
+        s_lanes = tl.zeros((BLOCK_V,), tl.float32)
+        u_lanes = tl.zeros((BLOCK_V,), tl.float32)
+        for start in range(0, V * active, BLOCK_V):  # no iteration, and no read, for an inactive row
+            z = tl.load(row_ptr + start + cols, mask=start + cols < V, other=-float("inf")).to(tl.float32)
+            m, s_lanes, u_lanes = online_softmax_lanes(m, s_lanes, u_lanes, z * inv_t, ENTROPY)
+        s = tl.sum(s_lanes, axis=0)
+        u = tl.sum(u_lanes, axis=0)
+    else:
+        s = 0.0
+        u = 0.0
+        for start in range(0, V * active, BLOCK_V):
+            z = tl.load(row_ptr + start + cols, mask=start + cols < V, other=-float("inf")).to(tl.float32)
+            if ENTROPY:
+                m, s, u = online_softmax_step(m, s, u, z * inv_t, 0)
+            else:
+                m, s = online_logsumexp_step(m, s, z * inv_t, 0)
     if not ENTROPY:
         u = float("nan") * s
 
@@ -228,6 +253,8 @@ def _sweep_bwd_kernel(
 
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# The forward sweep keeps s and u per lane (online_softmax_lanes); False: reduced per tile.
+FORWARD_LANES = True
 
 
 def _launch_config(V: int) -> tuple[int, int]:
@@ -258,16 +285,23 @@ def row_args(ids, temperature, active):
             dict(HAS_ACTIVE=active is not None, PER_ROW_TEMPERATURE=per_row))
 
 
+def forward_config(V: int) -> tuple[int, int]:
+    """Block over the vocabulary and warps per row of the forward sweep (measured on an H200 at
+    V = 151,936: bench/NOTES.md)."""
+    block_v = min(triton.next_power_of_2(V), 8192)
+    return block_v, 8 if block_v >= 2048 else 4
+
+
 def forward_launch(logits, ids, temperature, active, outs, vocab_start=0, partial=False, entropy=True):
     """(kernel, grid, args, meta) of the forward sweep writing the tensors `outs` (five, or four with partial);
     without `entropy`, the entropy and u/s outputs are NaN and cost nothing."""
     B, T, V = logits.shape
-    block_v, num_warps = _launch_config(V)
+    block_v, num_warps = forward_config(V)
     temp_arg, active_arg, inv, flags = row_args(ids, temperature, active)
     outs = list(outs) + [outs[0]] * (5 - len(outs))
     args = (logits, ids, temp_arg, active_arg, *outs, T, logits.stride(0), logits.stride(1), V, vocab_start, inv)
     meta = dict(BLOCK_V=block_v, ROWS_ALIGNED=_rows_aligned(logits), PARTIAL=partial, ENTROPY=entropy or partial,
-                num_warps=num_warps, **flags)
+                LANES=FORWARD_LANES, num_warps=num_warps, **flags)
     return _sweep_fwd_kernel, (B * T,), args, meta
 
 

@@ -4,22 +4,22 @@ of logits once, keeps it on chip, and writes its gradient once, with the loss an
 A row of V = 151,936 bf16 logits is 297 KB: more than one multiprocessor holds (256 KB of
 registers, 228 KB of shared memory), and too much for the L2 to keep between two reads of it
 when hundreds of rows are in flight (a re-reading kernel measured 1.55x the two-pass floor on
-an H200: research/part3.md). So a row is split over SPLIT = cdiv(V, BLOCK) programs, each of
+an H200: research/part3.md). So a row is split over split = cdiv(V, BLOCK) programs, each of
 which loads its BLOCK columns into registers once and keeps them there:
 
   1. each program folds its slice into (m, s, u) (online_softmax_step) and publishes them;
-  2. it waits until the row's SPLIT programs have published (a counter per row, release and
+  2. it waits until the row's other programs have published (a counter per row, release and
      acquire atomics), merges the pieces (merge_statistics), and so knows log pi(y), the
      entropy and, through loss_triton.row_coefficients, c = dL/dl and e = dL/dH;
   3. it writes the gradient of its slice from the values it still holds.
 
-Waiting for other programs is safe only if they are running or will run. Each program takes
-its task from a ticket counter (an atomic increment) instead of its program id, so the tasks
-that have started are always a prefix of the ticket order: the programs of every row but the
-last started one have all started, and a row never waits for a program that cannot be
-scheduled (the decoupled look-back argument; a row needs SPLIT <= the resident programs,
-about 20 against several hundred). Under Triton's interpreter, which runs programs one after
-another, a row is never split (BLOCK >= V).
+Programs that wait for each other must all be running: the grid is persistent and co-resident
+(a cooperative launch of as many programs as the multiprocessors hold), program (g, k) takes
+slice k of rows g, g + groups, ..., and loads the next row's slice before it waits for this
+one's, so the wait overlaps a load. (A first version gave every (row, slice) its own program,
+ordered by an atomic ticket: correct, and 4.2-5.5 ms at the work unit on an H200, because a
+row's programs were scheduled far apart and waited idle: bench/NOTES.md.) Under Triton's
+interpreter, which runs programs one after another, a row is never split (BLOCK >= V).
 
 The gradient is written in the forward, already multiplied by `grad_scale` (the upstream
 gradient the caller promises: 1, or 1 / accumulation steps); the backward returns it as it is
@@ -44,54 +44,36 @@ from .triton import (_RUNTIME_INTS, _check_supported, _row_offset, _row_setup, _
 Tensor = torch.Tensor
 
 # The largest number of programs one row is split into (the merge loads them as one block).
-MAX_SPLIT = 64
+MAX_SPLIT = 128
 # Polls of a row's arrival counter before giving up on it (NaN row): far beyond any real wait.
 MAX_SPINS: tl.constexpr = tl.constexpr(1 << 22)
 
 
 @triton.jit
-def inv_inactive(x):
-    """A float32 scalar of x's shape (for zeros of a row's outputs)."""
-    return x.to(tl.float32)
+def _load_slice(row_ptr, cols, in_row, row, N, active, HAS_ACTIVE: tl.constexpr):
+    """The slice `cols` of row `row` as stored (-inf past V); nothing is read for a row past N or
+    not active."""
+    read = in_row & ((cols * 0 + row) < N)
+    if HAS_ACTIVE:
+        read = read & ((cols * 0 + active) != 0)
+    return tl.load(row_ptr + cols, mask=read, other=-float("inf"))
 
 
-@triton.jit(do_not_specialize=_RUNTIME_INTS + ["grad_stride_b", "grad_stride_t", "N"],
-            do_not_specialize_on_alignment=["ids_ptr", "temperature_ptr", "active_ptr", "logprob_ptr", "entropy_ptr",
-                                            "part_ptr", "count_ptr", "w_ptr", "mask_ptr", "adv_ptr", "old_ptr",
-                                            "ref_ptr", "rollout_ptr", "scal_ptr", "sums_ptr"])
-def _two_pass_kernel(
-    logits_ptr, grad_ptr, ids_ptr, temperature_ptr, active_ptr, logprob_ptr, entropy_ptr, part_ptr, count_ptr,
-    w_ptr, mask_ptr, adv_ptr, old_ptr, ref_ptr, rollout_ptr, scal_ptr, sums_ptr, N,
-    beta, eps_low, eps_high, delta, dual_clip,
-    T, stride_b, stride_t, grad_stride_b, grad_stride_t, V, vocab_start, inv_temperature,
-    BLOCK: tl.constexpr, SPLIT_BLOCK: tl.constexpr, ROWS_ALIGNED: tl.constexpr, HAS_ACTIVE: tl.constexpr,
-    PER_ROW_TEMPERATURE: tl.constexpr, HAS_GRAD_ENTROPY: tl.constexpr, TICKETS: tl.constexpr,
-    HAS_MASK: tl.constexpr, HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr, HAS_ROLLOUT: tl.constexpr,
-    HAS_DELTA: tl.constexpr, HAS_DUAL_CLIP: tl.constexpr, KL_ESTIMATOR: tl.constexpr,
-    KL_RATIO_WEIGHT: tl.constexpr,
-):
-    """Task (row, k): columns [k BLOCK, (k + 1) BLOCK) of row `row` of logits (B, T, V).
-    Reads the slice once (active rows only), ids, temperature, active [row] and the plan;
-    writes grad[row, slice] (zeros for an inactive row, not read), and from k = 0:
-    logprob[row], entropy[row] and the row's sums. part (N, SPLIT, 3) and count (N + 1,)
-    int32, zero on entry, are the exchange (count[N] is the ticket counter)."""
-    split = tl.cdiv(V, BLOCK)
-    if TICKETS:
-        task = tl.atomic_add(count_ptr + N, 1).to(tl.int64)
-    else:
-        task = tl.program_id(0).to(tl.int64)
-    row = task // split
-    k = task - row * split
-    row_ptr = logits_ptr + _row_offset(row, T, stride_b, stride_t, ROWS_ALIGNED)
-    grad_row_ptr = grad_ptr + _row_offset(row, T, grad_stride_b, grad_stride_t, ROWS_ALIGNED)
-    active, inv_t = _row_setup(row, temperature_ptr, active_ptr, inv_temperature, HAS_ACTIVE, PER_ROW_TEMPERATURE)
-    cols = k * BLOCK + tl.arange(0, BLOCK)
-    in_row = cols < V
-
-    if active == 0:  # an inactive row is written, never read, and never waits
-        tl.store(grad_row_ptr + cols, tl.zeros((BLOCK,), tl.float32).to(grad_ptr.dtype.element_ty), mask=in_row)
+@triton.jit
+def _row_slice_pass(x, row, k, split, V, row_ptr, grad_row_ptr, cols, in_row, active, inv_t, ids_ptr, logprob_ptr,
+                    entropy_ptr, part_ptr, count_ptr, w_ptr, mask_ptr, adv_ptr, old_ptr, ref_ptr, rollout_ptr,
+                    scal_ptr, sums_ptr, N, beta, eps_low, eps_high, delta, dual_clip,
+                    SPLIT_BLOCK: tl.constexpr, HAS_GRAD_ENTROPY: tl.constexpr, HAS_MASK: tl.constexpr,
+                    HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr, HAS_ROLLOUT: tl.constexpr,
+                    HAS_DELTA: tl.constexpr, HAS_DUAL_CLIP: tl.constexpr, KL_ESTIMATOR: tl.constexpr,
+                    KL_RATIO_WEIGHT: tl.constexpr):
+    """Slice k of row `row`, whose logits x (as loaded) this program holds: the slice's statistics,
+    the exchange with the row's other slices, the row's log-prob, entropy and (c, e), then the
+    slice's gradient into grad_row_ptr. An inactive row gets zeros (x was not read)."""
+    if active == 0:
+        tl.store(grad_row_ptr + cols, tl.zeros_like(x), mask=in_row)
         if k == 0:
-            zero = tl.zeros_like(inv_inactive(inv_t))
+            zero = tl.zeros_like(inv_t)
             tl.store(logprob_ptr + row, zero)
             tl.store(entropy_ptr + row, zero)
             # A masked row's sums are zeros, its inputs unread: row_coefficients of a dead row.
@@ -100,7 +82,7 @@ def _two_pass_kernel(
                 sums_ptr, N, beta, eps_low, eps_high, delta, dual_clip, HAS_MASK, HAS_OLD, HAS_REF, HAS_ROLLOUT,
                 HAS_DELTA, HAS_DUAL_CLIP, KL_ESTIMATOR, KL_RATIO_WEIGHT)
     else:
-        z = tl.load(row_ptr + cols, mask=in_row, other=-float("inf")).to(tl.float32) * inv_t
+        z = x.to(tl.float32) * inv_t
         m, s, u = online_softmax_step(-float("inf"), 0.0, 0.0, z, 0)
         if split > 1:
             # Publish this slice's statistics, then wait for the row's other slices.
@@ -112,8 +94,8 @@ def _two_pass_kernel(
             tl.atomic_add(count_ptr + row, 1, sem="release")
             arrived = tl.atomic_add(count_ptr + row, 0, sem="acquire")
             spins = 0
-            # Bounded: should a program never arrive (it cannot, by the ticket order), the row is
-            # NaN after ~1 s instead of a hung process.
+            # Bounded: should a slice never arrive (the grid is co-resident, so it cannot), the row
+            # is NaN after ~1 s instead of a hung process.
             while (arrived < split) & (spins < MAX_SPINS):
                 arrived = tl.atomic_add(count_ptr + row, 0, sem="acquire")
                 spins += 1
@@ -127,7 +109,7 @@ def _two_pass_kernel(
             m = tl.where(arrived >= split, m, float("nan"))
         log_s = tl.log(s)
         mean_rel = u / s
-        y = tl.load(ids_ptr + row).to(tl.int64) - vocab_start
+        y = tl.load(ids_ptr + row).to(tl.int64)
         owned = (y >= 0) & (y < V)
         z_y = tl.load(row_ptr + y, mask=owned, other=0.0).to(tl.float32) * inv_t
         logprob = tl.where(owned, (z_y - m) - log_s, float("nan"))
@@ -148,7 +130,56 @@ def _two_pass_kernel(
         grad = tl.where(cols == y, -c * expm1(logprob), -c * p)
         if HAS_GRAD_ENTROPY:  # dH/dz = p (E_p[z] - z); a -inf logit has p = 0 and contributes 0
             grad += (e * inv_t) * p * tl.where(p > 0.0, mean_rel - z_rel, 0.0)
-        tl.store(grad_row_ptr + cols, grad.to(grad_ptr.dtype.element_ty), mask=in_row)
+        tl.store(grad_row_ptr + cols, grad.to(x.dtype), mask=in_row)
+
+
+@triton.jit(do_not_specialize=_RUNTIME_INTS + ["grad_stride_b", "grad_stride_t", "N", "groups"],
+            do_not_specialize_on_alignment=["ids_ptr", "temperature_ptr", "active_ptr", "logprob_ptr", "entropy_ptr",
+                                            "part_ptr", "count_ptr", "w_ptr", "mask_ptr", "adv_ptr", "old_ptr",
+                                            "ref_ptr", "rollout_ptr", "scal_ptr", "sums_ptr"])
+def _two_pass_kernel(
+    logits_ptr, grad_ptr, ids_ptr, temperature_ptr, active_ptr, logprob_ptr, entropy_ptr, part_ptr, count_ptr,
+    w_ptr, mask_ptr, adv_ptr, old_ptr, ref_ptr, rollout_ptr, scal_ptr, sums_ptr, N,
+    beta, eps_low, eps_high, delta, dual_clip,
+    T, stride_b, stride_t, grad_stride_b, grad_stride_t, V, vocab_start, inv_temperature, groups,
+    BLOCK: tl.constexpr, SPLIT_BLOCK: tl.constexpr, ROWS_ALIGNED: tl.constexpr, HAS_ACTIVE: tl.constexpr,
+    PER_ROW_TEMPERATURE: tl.constexpr, HAS_GRAD_ENTROPY: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr, HAS_ROLLOUT: tl.constexpr,
+    HAS_DELTA: tl.constexpr, HAS_DUAL_CLIP: tl.constexpr, KL_ESTIMATOR: tl.constexpr,
+    KL_RATIO_WEIGHT: tl.constexpr,
+):
+    """Program (g, k) of a co-resident grid of groups x split programs: columns [k BLOCK, (k + 1) BLOCK)
+    of rows g, g + groups, g + 2 groups, ... of logits (B, T, V). Reads each slice once (active rows
+    only; the next row's slice is loaded while this one waits for its row), ids, temperature,
+    active [row] and the plan; writes grad[row, slice] (zeros for an inactive row), and from k = 0
+    logprob[row], entropy[row] and the row's sums. part (N, split, 3) fp32 and count (N,) int32
+    (zero on entry) are the exchange between a row's programs."""
+    split = tl.cdiv(V, BLOCK)
+    pid = tl.program_id(0)
+    g = (pid // split).to(tl.int64)
+    k = pid % split
+    cols = k * BLOCK + tl.arange(0, BLOCK)
+    in_row = cols < V
+    # Software pipelining by hand: the slice of the next row is in flight during this row's wait.
+    active, inv_t = _row_setup(g, temperature_ptr, active_ptr, inv_temperature, HAS_ACTIVE, PER_ROW_TEMPERATURE)
+    row_ptr = logits_ptr + _row_offset(g, T, stride_b, stride_t, ROWS_ALIGNED)
+    x_next = _load_slice(row_ptr, cols, in_row, g, N, active, HAS_ACTIVE)
+    for row in range(g, N, groups):
+        x = x_next
+        row_ptr = logits_ptr + _row_offset(row, T, stride_b, stride_t, ROWS_ALIGNED)
+        grad_row_ptr = grad_ptr + _row_offset(row, T, grad_stride_b, grad_stride_t, ROWS_ALIGNED)
+        this_active = active
+        this_inv_t = inv_t
+        nxt = row + groups
+        active, inv_t = _row_setup(tl.minimum(nxt, N - 1), temperature_ptr, active_ptr, inv_temperature, HAS_ACTIVE,
+                                   PER_ROW_TEMPERATURE)
+        next_ptr = logits_ptr + _row_offset(tl.minimum(nxt, N - 1), T, stride_b, stride_t, ROWS_ALIGNED)
+        x_next = _load_slice(next_ptr, cols, in_row, nxt, N, active, HAS_ACTIVE)
+        _row_slice_pass(x, row, k, split, V, row_ptr, grad_row_ptr, cols, in_row, this_active, this_inv_t, ids_ptr,
+                        logprob_ptr, entropy_ptr, part_ptr, count_ptr, w_ptr, mask_ptr, adv_ptr, old_ptr, ref_ptr,
+                        rollout_ptr, scal_ptr, sums_ptr, N, beta, eps_low, eps_high, delta, dual_clip, SPLIT_BLOCK,
+                        HAS_GRAD_ENTROPY, HAS_MASK, HAS_OLD, HAS_REF, HAS_ROLLOUT, HAS_DELTA, HAS_DUAL_CLIP,
+                        KL_ESTIMATOR, KL_RATIO_WEIGHT)
 
 
 @triton.jit(do_not_specialize=["T", "stride_b", "stride_t"])
@@ -168,23 +199,25 @@ def _rescale_kernel(grad_ptr, g_ptr, grad_scale, T, stride_b, stride_t, V,
 
 
 def default_block(V: int) -> tuple[int, int]:
-    """(BLOCK, num_warps): the columns one program holds, and its warps. Under the interpreter a
-    row is never split (its programs run one after another and could not wait for each other)."""
+    """(BLOCK, num_warps): the columns one program holds, and its warps. 16 columns a thread keep
+    the kernel near 60 registers on sm_90 (32 a thread need ~170: too few programs resident).
+    Under the interpreter a row is never split (its programs run one after another and could
+    not wait for each other)."""
     import os
 
     if os.environ.get("TRITON_INTERPRET") == "1":
         return triton.next_power_of_2(V), 4
-    block = max(8192, triton.next_power_of_2(triton.cdiv(V, MAX_SPLIT)))
+    block = max(4096, triton.next_power_of_2(triton.cdiv(V, MAX_SPLIT)))
     return min(block, triton.next_power_of_2(V)), 8
 
 
 def two_pass_launch(rows: Tensor, grad_rows: Tensor, tokens: Tokens, plan: loss_triton.Plan, logprobs: Tensor,
-                    entropy: Tensor, need_entropy_grad: bool, count: Tensor, part: Tensor,
-                    block: Optional[int] = None, num_warps: Optional[int] = None, tickets: bool = True):
+                    entropy: Tensor, need_entropy_grad: bool, count: Tensor, part: Tensor, groups: int,
+                    block: Optional[int] = None, num_warps: Optional[int] = None):
     """(kernel, grid, args, meta) of the two-pass kernel over rows (B', T', V) of logits, writing
-    grad_rows (the same shape; may be rows themselves), logprobs, entropy (N,) and plan.sums.
-    count (N + 1,) int32 zeros and part (N SPLIT 3,) fp32 are its exchange; `block`,
-    `num_warps` and `tickets` override the defaults (the GPU probe measures them)."""
+    grad_rows (the same shape; may be rows themselves), logprobs, entropy (N,) and plan.sums, with
+    `groups` rows in flight. count (N,) int32 zeros and part (N split 3,) fp32 are its exchange;
+    `block` and `num_warps` override the defaults (the GPU probe measures them)."""
     B, T, V = rows.shape
     N = B * T
     default, warps = default_block(V)
@@ -196,25 +229,65 @@ def two_pass_launch(rows: Tensor, grad_rows: Tensor, tokens: Tokens, plan: loss_
     temp_arg, active_arg, inv, flags = row_args(tokens.ids, t_rows if t_rows is not None else t_scalar,
                                                 tokens.active)
     args = (rows, grad_rows, tokens.ids, temp_arg, active_arg, logprobs, entropy, part, count, *plan.args,
-            T, rows.stride(0), rows.stride(1), grad_rows.stride(0), grad_rows.stride(1), V, 0, inv)
+            T, rows.stride(0), rows.stride(1), grad_rows.stride(0), grad_rows.stride(1), V, 0, inv, groups)
     meta = dict(BLOCK=block, SPLIT_BLOCK=max(triton.next_power_of_2(split), 2),
                 ROWS_ALIGNED=_rows_aligned(rows) and _rows_aligned(grad_rows), HAS_GRAD_ENTROPY=need_entropy_grad,
-                TICKETS=tickets and split > 1, num_warps=num_warps or warps, **flags, **plan.meta)
-    return _two_pass_kernel, (N * split,), args, meta
+                num_warps=num_warps or warps, **flags, **plan.meta)
+    if split > 1 and _COOPERATIVE:  # a row's programs wait for each other: all must be resident at once
+        meta["launch_cooperative_grid"] = True
+    return _two_pass_kernel, (groups * split,), args, meta
+
+
+_RESIDENT: dict = {}
+
+
+def _cooperative_launch_supported() -> bool:
+    """Whether this Triton launches a grid cooperatively (CUDAOptions.launch_cooperative_grid)."""
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+    except ImportError:
+        return False
+    return "launch_cooperative_grid" in getattr(CUDAOptions, "__dataclass_fields__", {})
+
+
+_COOPERATIVE = _cooperative_launch_supported()
+
+
+def co_resident(kernel, args, meta, device: torch.device) -> int:
+    """How many programs of this compiled variant fit on the device at once (registers, threads,
+    shared memory per multiprocessor), so that a grid of that many is co-resident."""
+    key = (device.index, tuple(sorted((k, v) for k, v in meta.items() if k != "launch_cooperative_grid")),
+           args[0].dtype)
+    if key not in _RESIDENT:
+        compiled = kernel.warmup(*args, grid=(1,), **meta)
+        compiled._init_handles()
+        warps = compiled.metadata.num_warps
+        regs_per_warp = -(-max(compiled.n_regs, 1) * 32 // 256) * 256  # allocated per warp in units of 256
+        props = torch.cuda.get_device_properties(device)
+        limits = [65536 // (regs_per_warp * warps), 2048 // (32 * warps), 32]
+        shared = compiled.metadata.shared
+        if shared:
+            limits.append(props.shared_memory_per_multiprocessor // (shared + 1024))
+        _RESIDENT[key] = max(1, min(limits)) * props.multi_processor_count
+    return _RESIDENT[key]
 
 
 def launch(rows: Tensor, grad_rows: Tensor, tokens: Tokens, plan: loss_triton.Plan, logprobs: Tensor, entropy: Tensor,
-           need_entropy_grad: bool, block: Optional[int] = None, num_warps: Optional[int] = None,
-           tickets: bool = True) -> None:
-    """Runs the two-pass kernel (two_pass_launch) with its exchange buffers."""
+           need_entropy_grad: bool, block: Optional[int] = None, num_warps: Optional[int] = None) -> None:
+    """Runs the two-pass kernel (two_pass_launch) with its exchange buffers: one program per row
+    when a row fits one program, else a co-resident grid of as many row groups as fit."""
     B, T, V = rows.shape
-    if B * T == 0:
+    N = B * T
+    if N == 0:
         return
     split = triton.cdiv(V, block or default_block(V)[0])
-    count = torch.zeros(B * T + 1, dtype=torch.int32, device=rows.device)
-    part = torch.empty(B * T * split * 3 if split > 1 else 1, dtype=torch.float32, device=rows.device)
-    kernel, grid, args, meta = two_pass_launch(rows, grad_rows, tokens, plan, logprobs, entropy, need_entropy_grad,
-                                               count, part, block, num_warps, tickets)
+    count = torch.zeros(N if split > 1 else 1, dtype=torch.int32, device=rows.device)
+    part = torch.empty(N * split * 3 if split > 1 else 1, dtype=torch.float32, device=rows.device)
+    make = lambda groups: two_pass_launch(rows, grad_rows, tokens, plan, logprobs, entropy,  # noqa: E731
+                                          need_entropy_grad, count, part, groups, block, num_warps)
+    kernel, grid, args, meta = make(N)
+    if split > 1:
+        kernel, grid, args, meta = make(max(1, min(N, co_resident(kernel, args, meta, rows.device) // split)))
     kernel[grid](*args, **meta)
 
 

@@ -2,7 +2,8 @@
 
 Three paths, chosen here, each computing the same objective (docs/design.md):
 - two passes (sweep/two_pass.py): a token-local loss (SPEC section 14) on the Triton backend;
-  one launch reads each active row once and writes its gradient in the forward;
+  one launch reads each active row once and writes its gradient in the forward (opt-in with
+  GRPO_KERNELS_TWO_PASS=1 until a GPU measures it faster than three passes: two_pass.enabled);
 - three passes with the Triton loss (`TokenLevelLoss`): the rest of the clipped family on the
   Triton backend (GSPO): the forward sweep, loss_triton.py's two kernels, the backward sweep;
 - three passes with loss.py: everything else, and every other backend; autograd over loss.py's
@@ -195,7 +196,7 @@ def fused_grpo_loss(
                           sampling_logprobs, cu_seqlens, o, logits=logits, vocab_size=V)
     name = resolve_backend(o.backend, logits.device)
     require(name, logits.device)
-    if name == "triton" and loss_triton.token_local(o, tokens, tp_group):
+    if name == "triton" and two_pass.enabled() and loss_triton.token_local(o, tokens, tp_group):
         return _triton_loss(logits, tokens, o, name, two_passes=True)
     if loss_triton.supports(o, tokens, name, tp_group):
         return _triton_loss(logits, tokens, o, name, two_passes=False)

@@ -253,8 +253,9 @@ def _sweep_bwd_kernel(
 
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# The forward sweep keeps s and u per lane (online_softmax_lanes); False: reduced per tile.
-FORWARD_LANES = True
+# True: the forward sweep keeps s and u per lane (online_softmax_lanes) instead of reducing them
+# per tile. Not yet measured on a GPU (bench/gpu_two_pass_probe.py times both): off until it is.
+FORWARD_LANES = False
 
 
 def _launch_config(V: int) -> tuple[int, int]:
@@ -286,8 +287,9 @@ def row_args(ids, temperature, active):
 
 
 def forward_config(V: int) -> tuple[int, int]:
-    """Block over the vocabulary and warps per row of the forward sweep (measured on an H200 at
-    V = 151,936: bench/NOTES.md)."""
+    """Block over the vocabulary and warps per row of the forward sweep: at V = 151,936 on an H200,
+    8192 x 8 warps ran 0.687 / 0.887 ms without / with entropy, 4096 x 8 0.754 / 0.965
+    (bench/results/h200-two-pass-probe-2026-12-04-a8b1c88.json)."""
     block_v = min(triton.next_power_of_2(V), 8192)
     return block_v, 8 if block_v >= 2048 else 4
 

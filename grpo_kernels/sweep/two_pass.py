@@ -43,6 +43,16 @@ from .triton import (_RUNTIME_INTS, _check_supported, _row_offset, _row_setup, _
 
 Tensor = torch.Tensor
 
+def enabled() -> bool:
+    """Whether token-local losses take this path on the Triton backend (GRPO_KERNELS_TWO_PASS=1).
+    Off by default until a GPU measures it faster than the three passes: the first version ran
+    4.2-5.5 ms at the work unit against 2.1 ms for three passes (bench/NOTES.md); this one is
+    unmeasured."""
+    import os
+
+    return os.environ.get("GRPO_KERNELS_TWO_PASS") == "1"
+
+
 # The largest number of programs one row is split into (the merge loads them as one block).
 MAX_SPLIT = 128
 # Polls of a row's arrival counter before giving up on it (NaN row): far beyond any real wait.

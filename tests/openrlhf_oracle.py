@@ -59,11 +59,27 @@ def _rearrange(x: torch.Tensor, pattern: str) -> torch.Tensor:
     return x.reshape(-1, *x.shape[2:])
 
 
+class _AllGather(torch.autograd.Function):
+    """flash_attn.utils.distributed.all_gather: the ranks' tensors concatenated along dim 0; the
+    backward sums the gradient over the ranks and keeps this rank's part (flash_attn: a
+    reduce-scatter, which gloo lacks)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad.chunk(dist.get_world_size(ctx.group))[dist.get_rank(ctx.group)], None
+
+
 def _all_gather(x: torch.Tensor, group) -> torch.Tensor:
-    """flash_attn.utils.distributed.all_gather: the ranks' tensors concatenated along dim 0."""
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, x.contiguous(), group=group)
-    return torch.cat(parts, dim=0)
+    return _AllGather.apply(x, group)
 
 
 def _stand_ins() -> dict[str, types.ModuleType]:

@@ -12,15 +12,19 @@ of the actor, one patched, are compared through OpenRLHF's own code:
 OpenRLHF is loaded without flash_attn and deepspeed (tests/openrlhf_oracle.py); its
 `compute_entropy` is torch.compile'd, and runs eagerly here (torch.compiler.set_stance
 "force_eager": the same function, no Inductor build on a CPU test machine).
-Ring attention needs a process group and ring_flash_attn and is not run here; the patched
-forward slices and gathers through the same OpenRLHF helpers (ring_attn_utils) as OpenRLHF's.
+Ring attention runs on a one-rank gloo group (ring_flash_attn, which only receives the
+cu_seqlens, stood in for): the slicing and gathering code paths of both forwards, not a split of
+the sequence across ranks (that needs several processes, too slow for this suite).
 """
 from __future__ import annotations
 
 import copy
+import sys
+import types
 
 import pytest
 import torch
+import torch.distributed as dist
 
 pytest.importorskip("openrlhf", reason="openrlhf 0.11.2 is not installed (Makefile)")
 import openrlhf_oracle  # noqa: E402
@@ -120,6 +124,36 @@ def test_patched_actor_trains_as_openrlhf(fused_linear: bool, packing: bool, tem
         for (name, p), q in zip(theirs.named_parameters(), mine.parameters()):
             assert max_rel(q, p) <= TOL, f"step {step}: {name}"
     assert max_rel(theirs.model.lm_head.weight, make_actor(packing, temperature).model.lm_head.weight) > 1e-3
+
+
+@pytest.mark.parametrize("fused_linear", [False, True], ids=["logits", "fused_linear"])
+def test_ring_attention_one_rank(fused_linear: bool, tmp_path, monkeypatch) -> None:
+    """With a ring-attention group, the packed rows go through OpenRLHF's slicing and gathering in
+    both forwards: log-probs, entropy and the gradient of the trainer's loss agree."""
+    stub = types.ModuleType("ring_flash_attn")
+    stub.update_ring_flash_attn_params = lambda cu_seqlens, group: None
+    monkeypatch.setitem(sys.modules, "ring_flash_attn", stub)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        group = dist.new_group([0])
+        oracle["ring_attn_utils"].set_ring_attn_group(group)  # as OpenRLHF's strategy does
+        batch = make_batch(2)
+        theirs = make_actor(True, 0.9)
+        mine = ours.patch_actor(copy.deepcopy(theirs), fused_linear=fused_linear)
+        results = []
+        for actor in (theirs, mine):
+            log_probs, output = forward(actor, batch, ring_attn_group=group)
+            loss = aggregate_loss(log_probs - 0.1 * output.entropy[:, -A:], batch["action_mask"])
+            loss.backward()
+            results.append((log_probs, output.entropy[:, -A:] * batch["action_mask"],
+                            [p.grad for p in actor.parameters()]))
+        (want_lp, want_ent, want_grads), (got_lp, got_ent, got_grads) = results
+        assert max_rel(got_lp, want_lp) <= TOL and max_rel(got_ent, want_ent) <= TOL
+        for got, want in zip(got_grads, want_grads):
+            assert max_rel(got, want) <= TOL
+    finally:
+        oracle["ring_attn_utils"].set_ring_attn_group(None)
+        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])

@@ -219,3 +219,23 @@ def test_bad_arguments_raise() -> None:
         ours.patch_actor(make_actor(False, 1.0), fused_linear="yes")
     with pytest.raises(ValueError, match="backend"):
         ours.patch_actor(make_actor(False, 1.0), backend="fast")
+
+
+def test_install_patches_the_trainer_modules(monkeypatch) -> None:
+    """install() on modules shaped like OpenRLHF's trainer modules (ppo_actor imports Actor and
+    PolicyLoss, launcher imports Actor; the real ones import ray, deepspeed and vllm): every
+    Actor built afterwards is patched, the PolicyLoss is ours; uninstall() restores them."""
+    ppo_actor = types.ModuleType("fake.ppo_actor")
+    ppo_actor.Actor, ppo_actor.PolicyLoss = Actor, PolicyLoss
+    launcher = types.ModuleType("fake.launcher")
+    launcher.Actor = Actor
+    monkeypatch.setenv(ours.FUSED_LINEAR_ENV, "1")
+    done = ours.install(modules=[ppo_actor, launcher])
+    assert done == ["fake.ppo_actor.Actor", "fake.ppo_actor.PolicyLoss", "fake.launcher.Actor"]
+    assert ppo_actor.PolicyLoss is ours.PolicyLoss
+    actor = ppo_actor.Actor(tiny_model(), temperature=0.9)
+    assert isinstance(actor, Actor) and actor._grpo_kernels["fused_linear"] is True
+    assert ours.install(fused_linear=False, modules=[launcher]) == ["fake.launcher.Actor"]  # again: no double wrap
+    assert launcher.Actor.__mro__[1] is Actor
+    ours.uninstall(modules=[ppo_actor, launcher])
+    assert (ppo_actor.Actor, ppo_actor.PolicyLoss, launcher.Actor) == (Actor, PolicyLoss, Actor)

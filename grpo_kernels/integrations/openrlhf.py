@@ -1,6 +1,12 @@
 """OpenRLHF 0.11.2's policy loss and actor log-probs, computed by grpo_kernels.
 
-Two drop-ins, neither of which imports OpenRLHF when this module is imported:
+Two drop-ins and a switch for a whole run; none imports OpenRLHF when this module is imported.
+
+`install()`
+    In an OpenRLHF process, replaces the `Actor` of its Ray trainer modules by a subclass whose
+    instances are patched (`patch_actor`) and the trainer's `PolicyLoss` by ours. Run it in every
+    Ray worker: `ray.init(runtime_env={"worker_process_setup_hook":
+    "grpo_kernels.integrations.openrlhf.install"})` before OpenRLHF's `train` (docs/openrlhf.md).
 
 `PolicyLoss`
     The constructor and forward of `openrlhf.models.loss.PolicyLoss` (ppo and gspo, dual clip,
@@ -65,6 +71,8 @@ DeepSpeed ZeRO-3-partitioned LM head.
 """
 from __future__ import annotations
 
+import importlib
+import os
 import types
 from typing import Any
 
@@ -370,3 +378,56 @@ def unpatch_actor(actor: torch.nn.Module) -> torch.nn.Module:
     if state is not None:
         actor.__dict__.pop("forward", None)
     return actor
+
+
+# --- the trainer -----------------------------------------------------------------------------
+
+# OpenRLHF's Ray workers build their Actors and the PolicyLoss from these modules' globals.
+TRAINER_MODULES = ("openrlhf.trainer.ray.ppo_actor", "openrlhf.trainer.ray.launcher")
+FUSED_LINEAR_ENV = "GRPO_KERNELS_OPENRLHF_FUSED_LINEAR"
+_ORIGINALS: dict[tuple[str, str], Any] = {}  # (module, name) -> OpenRLHF's own object
+
+
+def _patching_actor_class(actor_cls: type, fused_linear: bool) -> type:
+    """A subclass of OpenRLHF's Actor whose instances are patched as they are built."""
+
+    class GrpoKernelsActor(actor_cls):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            patch_actor(self, fused_linear=fused_linear)
+
+    GrpoKernelsActor.__qualname__ = GrpoKernelsActor.__name__ = f"GrpoKernels{actor_cls.__name__}"
+    return GrpoKernelsActor
+
+
+def install(fused_linear: bool | None = None, modules=None) -> list[str]:
+    """Switch an OpenRLHF process over: every Actor its Ray workers build (policy, reference, EMA)
+    is patched (`patch_actor`) and the trainer's PolicyLoss is ours. Run it in each worker, e.g. as
+    Ray's `worker_process_setup_hook` (docs/openrlhf.md). fused_linear None reads the environment
+    variable GRPO_KERNELS_OPENRLHF_FUSED_LINEAR ("1": the fused-linear sweep). `modules`: the
+    modules to patch (default OpenRLHF's TRAINER_MODULES). Returns what was replaced."""
+    if fused_linear is None:
+        fused_linear = os.environ.get(FUSED_LINEAR_ENV, "0") == "1"
+    if modules is None:
+        modules = [importlib.import_module(name) for name in TRAINER_MODULES]
+    done = []
+    for module in modules:
+        for name, replacement in (("Actor", None), ("PolicyLoss", PolicyLoss)):
+            current = getattr(module, name, None)
+            if current is None:
+                continue
+            original = _ORIGINALS.setdefault((module.__name__, name), current)
+            setattr(module, name, _patching_actor_class(original, fused_linear) if replacement is None else replacement)
+            done.append(f"{module.__name__}.{name}")
+    return done
+
+
+def uninstall(modules=None) -> None:
+    """Put OpenRLHF's own Actor and PolicyLoss back (Actors built meanwhile stay patched)."""
+    if modules is None:
+        modules = [importlib.import_module(name) for name in TRAINER_MODULES]
+    for module in modules:
+        for name in ("Actor", "PolicyLoss"):
+            original = _ORIGINALS.pop((module.__name__, name), None)
+            if original is not None:
+                setattr(module, name, original)

@@ -60,9 +60,11 @@ def loss_options(config: Any, loss_denominator: float, world_size: int | None = 
     a dict with its fields: loss_fn, clip_lower, clip_higher, beta, kl_estimator, load_ref_policy,
     world_size, sequence_parallel_size). `loss_denominator` is the one grpo_fast divides by
     (accumulation_token_counts[batch_start])."""
-    loss_fn = str(getattr(_get(config, "loss_fn", "dapo"), "value", _get(config, "loss_fn", "dapo")))
+    loss_fn = _get(config, "loss_fn", "dapo")
+    loss_fn = getattr(loss_fn, "value", loss_fn)  # open-instruct's GRPOLossType is a StrEnum
     if loss_fn not in LOSS_FNS:
-        raise ValueError(f"loss_fn must be one of {', '.join(LOSS_FNS)} (open-instruct's GRPOLossType); got {loss_fn!r}")
+        raise ValueError(f"loss_fn must be one of {', '.join(LOSS_FNS)} (open-instruct's GRPOLossType); "
+                         f"got {loss_fn!r}")
     estimator = _get(config, "kl_estimator", 2)
     if estimator not in KL_ESTIMATORS:
         raise ValueError(f"kl_estimator must be 0, 1, 2 or 3 (open-instruct's estimate_kl); got {estimator!r}")

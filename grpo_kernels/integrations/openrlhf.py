@@ -78,9 +78,7 @@ from typing import Any
 
 import torch
 
-from ..linear import linear_token_logprobs
-from ..loss import grpo_loss_from_logprobs
-from ..ops import token_logprobs
+from .. import grpo_loss_from_logprobs, linear_token_logprobs, token_logprobs  # the public API
 from ..options import GRPOOptions
 
 Tensor = torch.Tensor

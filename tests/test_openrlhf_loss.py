@@ -14,6 +14,8 @@ OpenRLHF is loaded without flash_attn and deepspeed (tests/openrlhf_oracle.py).
 from __future__ import annotations
 
 import inspect
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -124,6 +126,17 @@ def test_policy_loss_matches_openrlhf(kwargs: dict) -> None:
                 assert_matches(kwargs, x, normalisers)
             except AssertionError as e:
                 raise AssertionError(f"seed {seed}, normalisers {name}: {e}") from e
+
+
+def test_importable_without_openrlhf() -> None:
+    """integrations.openrlhf imports, and its PolicyLoss runs, where openrlhf cannot be imported."""
+    code = ("import sys; sys.modules['openrlhf'] = None\n"
+            "import torch\n"
+            "from grpo_kernels.integrations.openrlhf import PolicyLoss\n"
+            "lp = torch.zeros(2, 3)\n"
+            "print(float(PolicyLoss()(lp, lp, torch.ones(2, 3))[0]))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "-1.0", out.stderr[-2000:]
 
 
 def test_same_signatures() -> None:

@@ -22,8 +22,8 @@ Two drop-ins and a switch for a whole run; none imports OpenRLHF when this modul
 `patch_actor(actor, fused_linear=False)`
     Replaces `forward` on one `openrlhf.models.Actor` instance: the log-probs and the entropy come
     from one sweep over the logits (`grpo_kernels.token_logprobs`) that reads only the rows of
-    the response tokens, applies the actor's temperature without a scaled copy and keeps
-    nothing of size V for the backward; with `fused_linear=True` from the last hidden states
+    the response tokens, applies the actor's temperature without a scaled copy and saves no
+    softmax for the backward (the logits it read and a few numbers per row); with `fused_linear=True` from the last hidden states
     and the LM head (`grpo_kernels.linear_token_logprobs`), the logits never stored. Packed rows
     (`packing_samples`) and ring-attention slices go through OpenRLHF's own helpers
     (`openrlhf.models.ring_attn_utils`), as its forward does.

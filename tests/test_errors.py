@@ -19,7 +19,8 @@ def good(**over):
 
 CASES = [
     # (arguments, keywords, exception, words the message must contain)
-    (good(logits=torch.randn(B, T + 1, V)), {}, ValueError, "logits"),
+    (good(logits=torch.randn(B, T - 1, V)), {}, ValueError, "logits"),  # (B, T + 1, V) is the model's full output
+    (good(logits=torch.randn(B + 1, T + 1, V)), {}, ValueError, "logits"),
     (good(logits=torch.randn(B * T + 1, V)), {}, ValueError, "logits"),
     (good(logits=torch.randn(B, T)), {}, ValueError, "logits"),
     (good(logits=torch.randint(0, 3, (B, T, V))), {}, TypeError, "logits"),

@@ -116,3 +116,33 @@ def test_the_loss_layer_path_has_no_sync_either(counter):
         loss.backward()
     assert counter.syncs == []
     assert counter.triton == ["_sweep_fwd_kernel", "_sweep_bwd_kernel"]
+
+
+def test_two_pass_step_is_at_most_eight_launches_and_no_sync(counter, monkeypatch):
+    """The two-pass path on the model's full output (B, T + 1, V): the plan (two kernels), the two-pass
+    kernel, the sums, and a backward that checks the upstream gradient on the device."""
+    monkeypatch.setenv("GRPO_KERNELS_TWO_PASS", "1")
+    x, ids, adv, mask, old, ref = _inputs()
+    full = torch.cat([x.detach(), x.detach()[:, :1]], dim=1).requires_grad_()
+    with counter:
+        loss, _ = grpo_kernels.fused_grpo_loss(full, ids, adv, mask, old, ref, loss_type="dapo", beta=0.04,
+                                               entropy_coef=0.01, backend="triton")
+        loss.backward()
+    assert counter.syncs == []
+    assert counter.triton == ["_plan_kernel", "_plan_scalars_kernel", "_two_pass_kernel", "_sums_kernel",
+                              "_rescale_kernel"]
+    assert counter.total <= 8, (counter.triton, counter.aten, counter.total)
+
+
+def test_three_pass_step_on_the_full_output_adds_one_fill(counter):
+    """The full output's gradient is written by the backward sweep; the unscored last row is one fill."""
+    x, ids, adv, mask, old, ref = _inputs()
+    full = torch.cat([x.detach(), x.detach()[:, :1]], dim=1).requires_grad_()
+    with counter:
+        loss, _ = grpo_kernels.fused_grpo_loss(full, ids, adv, mask, old, ref, loss_type="dapo", beta=0.04,
+                                               backend="triton")
+        loss.backward()
+    assert counter.syncs == []
+    assert counter.triton == ["_sweep_fwd_kernel", "_loss_kernel", "_sums_kernel", "_sweep_bwd_kernel"]
+    assert "copy_" not in counter.aten and "slice_backward" not in counter.aten, counter.aten
+    assert counter.total <= 13, (counter.triton, counter.aten, counter.total)

@@ -291,8 +291,9 @@ def launch(rows: Tensor, grad_rows: Tensor, tokens: Tokens, plan: loss_triton.Pl
     if N == 0:
         return
     split = triton.cdiv(V, block or default_block(V)[0])
-    count = torch.zeros(N if split > 1 else 1, dtype=torch.int32, device=rows.device)
-    part = torch.empty(N * split * 3 if split > 1 else 1, dtype=torch.float32, device=rows.device)
+    # The exchange buffers, only where a row is split (else placeholders that are never touched).
+    count = torch.zeros(N, dtype=torch.int32, device=rows.device) if split > 1 else tokens.ids
+    part = torch.empty(N * split * 3, dtype=torch.float32, device=rows.device) if split > 1 else logprobs
     make = lambda groups: two_pass_launch(rows, grad_rows, tokens, plan, logprobs, entropy,  # noqa: E731
                                           need_entropy_grad, count, part, groups, block, num_warps)
     kernel, grid, args, meta = make(N)
@@ -309,11 +310,11 @@ def _zero_unscored(grad: Tensor, row_start: int, T: int) -> None:
         grad[:, row_start + T:].zero_()
 
 
-def _tokens_of(ids, temperature, temperature_rows, mask, advantages, adv_per_seq, offsets, old, ref, rollout,
+def _tokens_of(ids, temperature, temperature_rows, mask, active, advantages, adv_per_seq, offsets, old, ref, rollout,
                num_seqs, seq_len) -> Tokens:
     N = ids.shape[0]
     layout = Layout(num_seqs, N, seq_len=None if offsets is not None else seq_len, offsets=offsets)
-    return Tokens(layout, ids, mask, None if mask is None else mask != 0, advantages, old, ref, rollout, None,
+    return Tokens(layout, ids, mask, active, advantages, old, ref, rollout, None,
                   temperature if temperature_rows is None else temperature_rows, None, adv_per_seq, False)
 
 
@@ -324,12 +325,12 @@ def _options_of(loss_type, beta, eps_low, eps_high, delta, dual_clip, kl_estimat
                        entropy_coef=entropy_coef, grad_scale=grad_scale)
 
 
-def _run(logits, row_start, ids, temperature, temperature_rows, mask, advantages, adv_per_seq, offsets, old, ref,
-         rollout, n_items, num_seqs, seq_len, loss_type, beta, eps_low, eps_high, delta, dual_clip, kl_estimator,
+def _run(logits, row_start, ids, temperature, temperature_rows, mask, active, advantages, adv_per_seq, offsets, old,
+         ref, rollout, n_items, num_seqs, seq_len, loss_type, beta, eps_low, eps_high, delta, dual_clip, kl_estimator,
          kl_ratio_weight, entropy_coef, divisor_code, divisor, grad_scale, grad):
     """The op body: plan, the two-pass kernel into grad, the sums. Returns (loss, out, logprobs)."""
     _check_supported(logits)
-    tokens = _tokens_of(ids, temperature, temperature_rows, mask, advantages, adv_per_seq, offsets, old, ref,
+    tokens = _tokens_of(ids, temperature, temperature_rows, mask, active, advantages, adv_per_seq, offsets, old, ref,
                         rollout, num_seqs, seq_len)
     o = _options_of(loss_type, beta, eps_low, eps_high, delta, dual_clip, kl_estimator, kl_ratio_weight,
                     entropy_coef, grad_scale)
@@ -350,8 +351,8 @@ _SCHEMA_DOC = """(logits (B, L, V), row_start, per-token inputs, options) -> (lo
 
 @torch.library.custom_op("grpo_kernels::two_pass_loss", mutates_args=())
 def two_pass_loss(logits: Tensor, row_start: int, ids: Tensor, temperature: float, temperature_rows: Optional[Tensor],
-                  mask: Optional[Tensor], advantages: Tensor, adv_per_seq: bool, offsets: Optional[Tensor],
-                  old: Optional[Tensor], ref: Optional[Tensor], rollout: Optional[Tensor], n_items: Optional[Tensor],
+                  mask: Optional[Tensor], active: Optional[Tensor], advantages: Tensor, adv_per_seq: bool,
+                  offsets: Optional[Tensor], old: Optional[Tensor], ref: Optional[Tensor], rollout: Optional[Tensor], n_items: Optional[Tensor],
                   num_seqs: int, seq_len: int, loss_type: str, beta: float, eps_low: float, eps_high: float,
                   delta: Optional[float], dual_clip: Optional[float], kl_estimator: str, kl_ratio_weight: bool,
                   entropy_coef: float, divisor_code: int, divisor: float, grad_scale: float
@@ -360,7 +361,8 @@ def two_pass_loss(logits: Tensor, row_start: int, ids: Tensor, temperature: floa
     out (kl, entropy, clip low/high/region, 1/n, e_scale), the log-probs (N,), and the gradient
     of the whole of logits times grad_scale (zeros on the rows not scored)."""
     grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-    loss, out, logprobs = _run(logits, row_start, ids, temperature, temperature_rows, mask, advantages, adv_per_seq,
+    loss, out, logprobs = _run(logits, row_start, ids, temperature, temperature_rows, mask, active, advantages,
+                               adv_per_seq,
                                offsets, old, ref, rollout, n_items, num_seqs, seq_len, loss_type, beta, eps_low,
                                eps_high, delta, dual_clip, kl_estimator, kl_ratio_weight, entropy_coef, divisor_code,
                                divisor, grad_scale, grad)
@@ -369,15 +371,16 @@ def two_pass_loss(logits: Tensor, row_start: int, ids: Tensor, temperature: floa
 
 @torch.library.custom_op("grpo_kernels::two_pass_loss_", mutates_args=("logits",))
 def two_pass_loss_(logits: Tensor, row_start: int, ids: Tensor, temperature: float, temperature_rows: Optional[Tensor],
-                   mask: Optional[Tensor], advantages: Tensor, adv_per_seq: bool, offsets: Optional[Tensor],
-                   old: Optional[Tensor], ref: Optional[Tensor], rollout: Optional[Tensor], n_items: Optional[Tensor],
+                   mask: Optional[Tensor], active: Optional[Tensor], advantages: Tensor, adv_per_seq: bool,
+                   offsets: Optional[Tensor], old: Optional[Tensor], ref: Optional[Tensor], rollout: Optional[Tensor], n_items: Optional[Tensor],
                    num_seqs: int, seq_len: int, loss_type: str, beta: float, eps_low: float, eps_high: float,
                    delta: Optional[float], dual_clip: Optional[float], kl_estimator: str, kl_ratio_weight: bool,
                    entropy_coef: float, divisor_code: int, divisor: float, grad_scale: float
                    ) -> tuple[Tensor, Tensor, Tensor]:
     """two_pass_loss with the gradient written into the logits' own storage (inplace_backward):
     each element is read before it is overwritten; the declared mutation bumps their version."""
-    return _run(logits, row_start, ids, temperature, temperature_rows, mask, advantages, adv_per_seq, offsets, old,
+    return _run(logits, row_start, ids, temperature, temperature_rows, mask, active, advantages, adv_per_seq, offsets,
+                old,
                 ref, rollout, n_items, num_seqs, seq_len, loss_type, beta, eps_low, eps_high, delta, dual_clip,
                 kl_estimator, kl_ratio_weight, entropy_coef, divisor_code, divisor, grad_scale, logits)
 
@@ -424,16 +427,17 @@ def _interpreted() -> bool:
 
 def _setup_context(ctx, inputs, output):
     ctx.grad_scale = inputs[-1]
+    ctx.set_materialize_grads(False)  # no zero tensors for the outputs that take no gradient
     ctx.mark_non_differentiable(*output[1:])
     ctx.save_for_backward(output[3])  # the gradient, an output of the op
 
 
 def _backward(ctx, grad_loss, *_):
     if grad_loss is None:
-        return (None,) * 27
+        return (None,) * 28
     (grad,) = ctx.saved_tensors
     torch.ops.grpo_kernels.rescale_gradient_(grad, grad_loss, ctx.grad_scale)
-    return (grad,) + (None,) * 26
+    return (grad,) + (None,) * 27
 
 
 two_pass_loss.register_autograd(_backward, setup_context=_setup_context)
@@ -448,6 +452,7 @@ class _TwoPassInPlace(torch.autograd.Function):
     def forward(ctx, logits, *args):
         loss, out, logprobs = torch.ops.grpo_kernels.two_pass_loss_(logits, *args)
         ctx.grad_scale = args[-1]
+        ctx.set_materialize_grads(False)
         ctx.save_for_backward(logits)
         ctx.mark_non_differentiable(out, logprobs)
         return loss, out, logprobs
@@ -457,7 +462,7 @@ class _TwoPassInPlace(torch.autograd.Function):
     def backward(ctx, grad_loss, *_):
         (grad,) = ctx.saved_tensors
         torch.ops.grpo_kernels.rescale_gradient_(grad, grad_loss, ctx.grad_scale)
-        return (grad,) + (None,) * 26
+        return (grad,) + (None,) * 27
 
 
 def fused_loss(logits: Tensor, row_start: int, tokens: Tokens, o: GRPOOptions) -> tuple[Tensor, Tensor, Tensor]:
@@ -466,7 +471,7 @@ def fused_loss(logits: Tensor, row_start: int, tokens: Tokens, o: GRPOOptions) -
     layout = tokens.layout
     t_scalar, t_rows = tokens.temperature_args
     code, divisor, n_items = loss_triton.divisor_of(o, tokens)
-    args = (logits, row_start, tokens.ids, t_scalar, t_rows, tokens.mask, tokens.advantages,
+    args = (logits, row_start, tokens.ids, t_scalar, t_rows, tokens.mask, tokens.active, tokens.advantages,
             tokens.advantages_per_seq, layout.offsets, tokens.old_logprobs, tokens.ref_logprobs,
             tokens.rollout_is_ratio, n_items, layout.num_seqs, layout.seq_len or 0, o.loss_type, float(o.beta),
             float(o.epsilon_low), float(o.eps_high), o.delta, o.dual_clip, o.kl_estimator,

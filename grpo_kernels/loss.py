@@ -63,14 +63,20 @@ class _Sums:
 def _high_entropy_mask(entropy: torch.Tensor, sums: _Sums, quantile: float) -> torch.Tensor:
     """Tokens whose entropy is at or above the (1 - quantile) quantile of the masked entropies.
 
-    nanquantile over the masked values (NaN elsewhere) needs no data-dependent shape, so it
-    never waits for the device; with no masked token the threshold is NaN and no token passes.
+    The quantile of torch.quantile (linear interpolation between the two nearest ranks), taken on
+    the entropies sorted with the masked-out ones last: no data-dependent shape, so it never waits
+    for the device, and unlike torch.nanquantile it traces with symbolic sizes on torch 2.11
+    (SPEC 19). With no masked token the threshold is NaN and no token passes.
     """
     mask = sums.mask
     if mask.numel() == 0:
         return mask
     on = mask != 0
-    threshold = torch.nanquantile(torch.where(on, entropy, float("nan")), 1.0 - quantile)
+    ranked = torch.where(on, entropy, float("inf")).sort().values
+    pos = (1.0 - quantile) * (on.sum() - 1).to(ranked.dtype)
+    lo = pos.floor().clamp(min=0)
+    low, high = ranked.gather(0, torch.stack([lo, pos.ceil().clamp(min=0)]).long())  # gather: no .item()
+    threshold = low + (pos - lo) * (high - low)
     return ((entropy * mask >= threshold) & on).to(mask.dtype)
 
 
@@ -121,7 +127,10 @@ def _kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: 
 def _divisor(n: float | torch.Tensor | None, default: torch.Tensor | int, like: torch.Tensor) -> torch.Tensor:
     """num_items_in_batch / num_sequences_in_batch (kept on the device), or the default, at least 1."""
     value = default if n is None else n
-    return torch.as_tensor(value, dtype=like.dtype, device=like.device).clamp(min=1.0)
+    if isinstance(value, torch.Tensor):
+        return value.to(like.dtype).clamp(min=1.0)
+    # full() keeps a symbolic count symbolic under torch.compile (as_tensor would specialise it).
+    return like.new_full((), value).clamp(min=1.0)
 
 
 def _verl_mean(x: torch.Tensor, sums: _Sums) -> torch.Tensor:

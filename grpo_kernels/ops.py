@@ -22,7 +22,7 @@ import torch
 
 from . import loss_triton
 from .distributed import vocab_bounds
-from .layout import Tokens, build_tokens, logprobs_result, rows_without_sequences
+from .layout import Tokens, build_tokens, leading_dims_by_stride, logprobs_result, rows_without_sequences
 from .loss import Metrics, objective
 from .options import GRPOOptions, check_bool, check_temperature
 from .sweep import backend_module, require, resolve_backend, stats_dtype
@@ -127,7 +127,7 @@ logits_sweep.register_autograd(_backward, setup_context=_setup_context)
 def rows_overlap(rows: Tensor) -> bool:
     """Whether two rows of a (B, T, V) view share memory (expanded or overlapping strides)."""
     extent = rows.shape[-1]
-    for stride, size in sorted((rows.stride(i), rows.shape[i]) for i in range(rows.dim() - 1) if rows.shape[i] > 1):
+    for stride, size in leading_dims_by_stride(rows):
         if stride < extent:
             return True
         extent += stride * (size - 1)

@@ -105,6 +105,25 @@ def _vespo_weight(A: torch.Tensor, log_ratio: torch.Tensor, sums: _Sums, rollout
     return phi.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
 
 
+def _masked_reader(active: torch.Tensor | None):
+    """x -> x at the active positions and `neutral` at the masked ones: a masked position is never
+    read, so a NaN or inf there changes nothing (docs/design.md, "Non-finite inputs")."""
+    if active is None:
+        return lambda x, neutral=0.0: x
+    return lambda x, neutral=0.0: None if x is None else torch.where(active, x, neutral)
+
+
+def _poison(*values: torch.Tensor | None) -> torch.Tensor:
+    """0, or NaN where any of `values` (already 0 at the masked positions) holds a NaN or inf: the
+    loss then is NaN, never a finite number. No wait for the device: a 0-dim tensor."""
+    bad = None
+    for x in values:
+        if x is not None:
+            b = ~torch.isfinite(x).all()
+            bad = b if bad is None else bad | b
+    return torch.where(bad, float("nan"), 0.0)
+
+
 def _kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str,
                  clamp: float | None = None) -> torch.Tensor:
     """Schulman's estimators of KL(pi_theta || pi_ref) on a sample, with Delta = l - l_ref.
@@ -319,17 +338,26 @@ def objective(logprobs: torch.Tensor, entropy: torch.Tensor, tokens: Tokens, o: 
     mask = torch.ones_like(logprobs) if tokens.mask is None else tokens.mask.to(dtype)
     sums = _Sums(layout, mask, tokens.mask is None or not tokens.mask.is_floating_point())
     tok = lambda t, per_seq: layout.seq_expand(t) if per_seq else t  # noqa: E731
+    keep = _masked_reader(tokens.active)
+    logprobs, entropy = keep(logprobs), keep(entropy)
 
     adv_per_seq = tokens.advantages_per_seq
     A_raw = tokens.advantages.to(dtype)  # (S,) or (N,)
-    A = tok(A_raw, adv_per_seq)
+    A = keep(tok(A_raw, adv_per_seq))
     # mu = 1: old == current in value, so r == 1 while its gradient is that of l.
-    old = logprobs.detach() if tokens.old_logprobs is None else tokens.old_logprobs.to(dtype)
+    old = logprobs.detach() if tokens.old_logprobs is None else keep(tokens.old_logprobs.to(dtype))
+    ref = keep(as_dtype(tokens.ref_logprobs))
+    sampling = old if tokens.sampling_logprobs is None else keep(tokens.sampling_logprobs.to(dtype))
     is_ratio = as_dtype(tokens.rollout_is_ratio)
     is_per_seq = tokens.rollout_per_seq
     if is_ratio is not None and o.vllm_importance_sampling_mode is not None:  # TRL's vLLM correction
         is_ratio, is_per_seq = _vllm_is_ratio(is_ratio, is_per_seq, sums, o)
-    is_ratio = None if is_ratio is None else tok(is_ratio, is_per_seq)
+    is_ratio = None if is_ratio is None else keep(tok(is_ratio, is_per_seq), 1.0)
+    # Every input the options read, at the active positions (a mask weight of NaN is active).
+    uses_entropy = o.entropy_coef != 0.0 or o.top_entropy_quantile < 1.0
+    poison = _poison(logprobs, A, old, ref if o.beta != 0.0 else None, is_ratio,
+                     sampling if o.off_policy_mask_threshold is not None else None,
+                     entropy if uses_entropy else None, mask if tokens.mask is not None else None)
 
     log_ratio = logprobs - old
     lo, hi = o.log_ratio_bounds  # log_ratio_clamp (verl's stability clamp): on log r, or on log s under GSPO
@@ -378,7 +406,6 @@ def objective(logprobs: torch.Tensor, entropy: torch.Tensor, tokens: Tokens, o: 
 
     # Multipliers of the policy term, in TRL's order.
     if o.off_policy_mask_threshold is not None:
-        sampling = old if tokens.sampling_logprobs is None else tokens.sampling_logprobs.to(dtype)
         per_token_loss = per_token_loss * _off_policy_mask(A, logprobs, sampling, sums, o.off_policy_mask_threshold)
     entropy_mask = None
     if o.top_entropy_quantile < 1.0:
@@ -391,7 +418,7 @@ def objective(logprobs: torch.Tensor, entropy: torch.Tensor, tokens: Tokens, o: 
 
     kl_metric = None
     if o.beta != 0.0:
-        kl = _kl_estimate(logprobs, tokens.ref_logprobs.to(dtype), o.kl_estimator, o.kl_clamp)
+        kl = _kl_estimate(logprobs, ref, o.kl_estimator, o.kl_clamp)
         if o.use_bias_correction_kl:  # r differentiable: an unbiased reverse-KL gradient for any mu
             kl = kl * (ratio if o.kl_ratio == "sequence" else token_ratio)
         per_token_loss = o.beta * kl if per_token_loss is None else per_token_loss + o.beta * kl
@@ -425,8 +452,12 @@ def objective(logprobs: torch.Tensor, entropy: torch.Tensor, tokens: Tokens, o: 
         bonus_mask = mask if entropy_mask is None else mask * entropy_mask
         loss = loss - o.entropy_coef * (entropy * bonus_mask).sum() / bonus_mask.sum().clamp(min=1.0)
 
+    loss = loss + poison.to(loss.dtype)
     if tokens.invalid is not None:  # a value check that could not raise without waiting for the device
         loss = torch.where(tokens.invalid, float("nan"), loss)
+    # A NaN loss never comes with a finite gradient: dL/dl is NaN at every active position then
+    # (0 * sum(l) adds nothing otherwise; l is finite there, or the loss is NaN already).
+    loss = loss + torch.where(torch.isnan(loss.detach()), float("nan"), 0.0).to(loss.dtype) * logprobs.sum()
     metrics: Metrics = {
         "kl": kl_metric,
         "entropy": sums.token_mean(entropy.detach()),

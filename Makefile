@@ -16,6 +16,9 @@ $(STAMP): pyproject.toml setup.py
 	$(PY) -m pip install -q -e ".[test,bench]"
 	$(PY) -m pip install -q --no-deps verl==0.9.1 tensordict==0.10.0 pyvers==0.1.0
 	$(PY) -m pip install -q --no-deps peft==0.21.2 megatron-core==0.16.1
+	# OpenRLHF's model code only (tests/openrlhf_oracle.py loads it without flash_attn / deepspeed):
+	# its other requirements (flash-attn, deepspeed, vllm, ray ...) do not build or are not needed here.
+	$(PY) -m pip install -q --no-deps openrlhf==0.11.2
 	touch $(STAMP)
 
 venv: $(STAMP)

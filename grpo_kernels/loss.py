@@ -114,14 +114,15 @@ def _masked_reader(active: torch.Tensor | None):
 
 
 def _poison(*values: torch.Tensor | None) -> torch.Tensor:
-    """0, or NaN where any of `values` (already 0 at the masked positions) holds a NaN or inf: the
-    loss then is NaN, never a finite number. No wait for the device: a 0-dim tensor."""
+    """(N,): 0, or NaN at the tokens where one of `values` (per token, already 0 at the masked
+    positions) is NaN or +-inf. Added as sum(poison * l) to the loss, it makes the loss NaN and
+    dL/dl NaN at those tokens: a non-finite input never gives a finite number."""
     bad = None
     for x in values:
         if x is not None:
-            b = ~torch.isfinite(x).all()
+            b = ~torch.isfinite(x)
             bad = b if bad is None else bad | b
-    return torch.where(bad, float("nan"), 0.0)
+    return torch.where(bad, float("nan"), 0.0).to(values[0].dtype)
 
 
 def _kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str,
@@ -452,12 +453,9 @@ def objective(logprobs: torch.Tensor, entropy: torch.Tensor, tokens: Tokens, o: 
         bonus_mask = mask if entropy_mask is None else mask * entropy_mask
         loss = loss - o.entropy_coef * (entropy * bonus_mask).sum() / bonus_mask.sum().clamp(min=1.0)
 
-    loss = loss + poison.to(loss.dtype)
+    loss = loss + (poison * logprobs).sum()  # 0 (l is finite where poison is 0), or NaN
     if tokens.invalid is not None:  # a value check that could not raise without waiting for the device
         loss = torch.where(tokens.invalid, float("nan"), loss)
-    # A NaN loss never comes with a finite gradient: dL/dl is NaN at every active position then
-    # (0 * sum(l) adds nothing otherwise; l is finite there, or the loss is NaN already).
-    loss = loss + torch.where(torch.isnan(loss.detach()), float("nan"), 0.0).to(loss.dtype) * logprobs.sum()
     metrics: Metrics = {
         "kl": kl_metric,
         "entropy": sums.token_mean(entropy.detach()),

@@ -3,8 +3,10 @@
 - A masked position (mask 0) is never read: NaN or inf there in old/ref log-probs, advantages,
   rollout weights, sampler log-probs or the logits changes nothing (loss, metrics, gradient).
 - A NaN or inf at an active position in an input the options read (a NaN mask weight is active)
-  makes the loss NaN, never a finite number, and a NaN loss comes with a NaN gradient on every
-  active row (0 on the masked rows, which are never read).
+  makes the loss NaN, never a finite number, and the gradient of that token's row NaN on every
+  backend; the other rows' gradient is what each formula gives (non-finite too where the token
+  reaches them: its sequence's GSPO ratio, a NaN normaliser), equal wherever two backends both
+  give a finite number. Masked rows' gradient is 0.
 - A -inf target logit at an active row: a NaN loss.
 
 Each backend (the float64 reference, the torch and Triton logits paths, the fused-linear paths)
@@ -90,7 +92,8 @@ def test_masked_positions_are_never_read(backend, options):
     masked = ~ACTIVE
     for name, value in (("old", NAN), ("ref", -INF), ("adv", NAN), ("rollout", INF), ("sampling", NAN)):
         dirty[name][masked] = value
-    dirty["hidden"][masked] = NAN  # the logits of a masked row too
+    if backend != "linear-triton":  # (its backward reads masked hidden rows: the test below)
+        dirty["hidden"][masked] = NAN  # the logits of a masked row too
     want_loss, want_metrics, want_grad = run(backend, clean, **kw)
     got_loss, got_metrics, got_grad = run(backend, dirty, **kw)
     assert torch.isfinite(want_loss)
@@ -103,11 +106,21 @@ def test_masked_positions_are_never_read(backend, options):
         torch.testing.assert_close(got_loss.double(), ref_loss, rtol=1e-4, atol=1e-5)
 
 
-def assert_nan_with_nan_gradient(backend, x, kw):
+def assert_nan_with_nan_gradient(backend, x, kw, rows):
+    """The loss is NaN, the gradient NaN on `rows` (a bool (B, T) or an index), 0 on masked rows and,
+    NaN for NaN, the reference's elsewhere; the metrics are the reference's, NaN for NaN."""
     loss, metrics, grad = run(backend, x, **kw)
     assert torch.isnan(loss), f"{backend}: loss {loss.item()} from a non-finite input"
-    assert torch.isnan(grad[ACTIVE]).all(), f"{backend}: a NaN loss with a finite gradient"
+    assert torch.isnan(grad[rows]).all(), f"{backend}: a finite gradient for a non-finite input"
     assert (grad[~ACTIVE] == 0).all()
+    if backend != "reference":
+        _, want_metrics, want = run("reference", x, **kw)
+        # Elsewhere each formula propagates as it does (a clipped token's zero derivative times a
+        # NaN normaliser is 0 in torch.minimum's backward, NaN in the kernels): equal where both are finite.
+        if not backend.startswith("linear"):  # (the reference's rows are logits, not hidden states)
+            finite = torch.isfinite(want) & torch.isfinite(grad)
+            torch.testing.assert_close(grad[finite], want[finite].to(grad.dtype), rtol=1e-4, atol=1e-6)
+        same_metrics(metrics, want_metrics)
     return metrics
 
 
@@ -126,9 +139,7 @@ def test_a_non_finite_input_at_an_active_position_makes_the_loss_nan(backend, na
     for kw in (READ_BY[name], {**READ_BY[name], "loss_type": "grpo", "importance_sampling_level": "sequence"}):
         x = inputs(1)
         x[name][1, 2] = value
-        metrics = assert_nan_with_nan_gradient(backend, x, kw)
-        if backend != "reference":
-            same_metrics(metrics, run("reference", x, **kw)[1])
+        assert_nan_with_nan_gradient(backend, x, kw, (1, 2))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -136,7 +147,7 @@ def test_all_old_logprobs_nan_give_a_nan_loss(backend):
     """Issue 18's case: old_logprobs all NaN gave 0.542 with the Triton kernels."""
     x = inputs(2)
     x["old"].fill_(NAN)
-    assert_nan_with_nan_gradient(backend, x, dict(beta=0.04))
+    assert_nan_with_nan_gradient(backend, x, dict(beta=0.04), ACTIVE)
 
 
 @pytest.mark.parametrize("options", ["dapo_kl", "gspo_delta_dual", "vespo"])
@@ -146,7 +157,7 @@ def test_a_minus_inf_target_logit_gives_a_nan_loss(backend, options):
     logits = x["hidden"] @ x["weight"].T
     logits[0, 1, x["ids"][0, 1]] = -INF
     x["logits"] = logits
-    assert_nan_with_nan_gradient(backend, x, OPTION_SETS[options])
+    assert_nan_with_nan_gradient(backend, x, OPTION_SETS[options], (0, 1))
 
 
 @pytest.mark.parametrize("backend", ("torch", "triton"))
@@ -161,3 +172,16 @@ def test_per_sequence_advantage_nan_of_a_fully_masked_sequence_is_not_read(backe
     dirty = grpo_kernels.fused_grpo_loss(logits, x["ids"], adv, x["mask"], x["old"], backend=backend)[0]
     assert active.any() and torch.isfinite(clean)
     torch.testing.assert_close(dirty, clean)
+
+
+@pytest.mark.xfail(strict=True, reason="the fused-linear Triton backward reads the hidden states of masked rows "
+                   "(linear/triton.py: O(N H) loads kept unmasked); NaN there reaches dL/dhidden and dL/dweight")
+def test_linear_triton_never_reads_masked_hidden_rows():
+    clean = inputs()
+    dirty = {k: v.clone() for k, v in clean.items()}
+    dirty["hidden"][~ACTIVE] = NAN
+    want_loss, _, want_grad = run("linear-triton", clean)
+    got_loss, _, got_grad = run("linear-triton", dirty)
+    torch.testing.assert_close(got_loss, want_loss)
+    torch.testing.assert_close(got_grad[ACTIVE], want_grad[ACTIVE])
+    assert (got_grad[~ACTIVE] == 0).all()

@@ -5,6 +5,7 @@ integration reject the same bad input with the same message.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -54,6 +55,25 @@ def _finite(name: str, value: float) -> float:
     if not -math.inf < value < math.inf:
         raise ValueError(f"{name} must be finite, got {shown(value)}")
     return float(value)
+
+
+DOUBLE_BACKWARD = (
+    "grpo_kernels does not support double backward (create_graph=True through the loss, e.g. for a "
+    "gradient penalty or Hessian-vector products): its sweeps write the gradient without an autograd "
+    "graph of their own. Differentiate grpo_kernels.reference.grpo_loss for higher-order gradients.")
+
+
+def single_backward(backward):
+    """Decorates the backward of each of our autograd functions and operators: it refuses a
+    backward that would record a graph (create_graph=True, which runs backwards with grad mode on),
+    with one clear error on every backend. Put it above once_differentiable, which turns grad mode off."""
+    @functools.wraps(backward)
+    def checked(ctx, *grads):
+        if torch.is_grad_enabled():
+            raise RuntimeError(DOUBLE_BACKWARD)
+        return backward(ctx, *grads)
+
+    return checked
 
 
 def check_bool(name: str, value: object) -> bool:

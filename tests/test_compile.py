@@ -327,7 +327,7 @@ def test_registered_operators_pass_opcheck():
     active = torch.rand(8) > 0.3
     for backend in ("torch", "triton"):
         torch.library.opcheck(torch.ops.grpo_kernels.logits_sweep.default,
-                              (rows, flat, 0.8, None, active, 0, False, backend, False),
+                              (rows, 0, flat, 0.8, None, active, 0, False, backend, False, True),
                               test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
     hidden, weight = torch.randn(8, 4, requires_grad=True), torch.randn(V, 4, requires_grad=True)
     torch.library.opcheck(torch.ops.grpo_kernels.linear_sweep.default,

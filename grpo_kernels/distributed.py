@@ -36,6 +36,7 @@ import torch.distributed as dist
 
 from . import stats
 from .layout import Layout
+from .options import single_backward
 from .sweep.operators import sweep_backward
 
 Tensor = torch.Tensor
@@ -155,6 +156,7 @@ class _VocabParallelSweep(torch.autograd.Function):
         return logprobs, entropy
 
     @staticmethod
+    @single_backward
     def backward(ctx, grad_logprobs, grad_entropy):
         if grad_logprobs is None and grad_entropy is None or not ctx.needs_input_grad[0]:
             return (None,) * 9
@@ -218,6 +220,7 @@ class _VocabParallelLinearSweep(torch.autograd.Function):
         return logprobs, entropy
 
     @staticmethod
+    @single_backward
     def backward(ctx, grad_logprobs, grad_entropy):
         needs = list(ctx.needs_input_grad[:3])
         if grad_logprobs is None and grad_entropy is None or not any(needs):

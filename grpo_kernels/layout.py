@@ -124,8 +124,11 @@ def _offsets(cu_seqlens: torch.Tensor, N: int, device: torch.device) -> tuple[to
     bad = (cu[0] != 0) | (cu[-1] != N)
     if cu.numel() > 1:
         bad = bad | (cu.diff() < 0).any()
+    # The message names N and the values in eager CPU mode only, where it can be raised: formatting
+    # a symbolic N under torch.compile would specialise it (a recompile for every N).
     invalid = _flag(bad, f"cu_seqlens must start at 0, never decrease and end at N = {N}; got "
-                         f"{cu_seqlens.tolist() if eager_cpu(cu) and cu.numel() <= 16 else 'other values'}", None)
+                         f"{cu_seqlens.tolist() if cu.numel() <= 16 else 'other values'}" if eager_cpu(cu) else "",
+                    None)
     # Whatever the values, offsets that start at 0, end at N and never decrease: every later
     # op stays in bounds, and the loss carries the NaN flag above if they were not as given.
     safe = torch.cummax(cu.clamp(0, N), 0).values
@@ -204,6 +207,19 @@ def logprobs_result(tokens: Tokens, logprobs: torch.Tensor, entropy: torch.Tenso
     return (logprobs, entropy) if return_entropy else logprobs
 
 
+def leading_dims_by_stride(rows: torch.Tensor) -> list[tuple[int, int]]:
+    """(stride, size) of each leading dimension of rows (all but the last) of size > 1, smallest
+    stride first. An insertion sort of plain comparisons: torch.compile cannot sort symbolic keys."""
+    dims: list[tuple[int, int]] = []
+    for i in range(rows.dim() - 1):
+        if rows.shape[i] > 1:
+            at = len(dims)
+            while at > 0 and rows.stride(i) < dims[at - 1][0]:
+                at -= 1
+            dims.insert(at, (rows.stride(i), rows.shape[i]))
+    return dims
+
+
 def check_rows(name: str, t: torch.Tensor, layout: Layout, last: str, full_output: bool = False) -> int:
     """t must hold one row per token: (B, T, X) or (N, X) (padded), (N, X) or (1, N, X) (packed); returns X.
     With full_output, a padded (B, L, X) with L > T is the model's whole output (Layout.scored_rows)."""
@@ -242,7 +258,7 @@ def check_logits(logits: torch.Tensor, layout: Layout) -> int:
 def rows_overlap(rows: torch.Tensor) -> bool:
     """Whether two rows of a (B, T, V) view share memory (expanded or overlapping strides)."""
     extent = rows.shape[-1]
-    for stride, size in sorted((rows.stride(i), rows.shape[i]) for i in range(rows.dim() - 1) if rows.shape[i] > 1):
+    for stride, size in leading_dims_by_stride(rows):
         if stride < extent:
             return True
         extent += stride * (size - 1)

@@ -63,14 +63,20 @@ class _Sums:
 def _high_entropy_mask(entropy: torch.Tensor, sums: _Sums, quantile: float) -> torch.Tensor:
     """Tokens whose entropy is at or above the (1 - quantile) quantile of the masked entropies.
 
-    nanquantile over the masked values (NaN elsewhere) needs no data-dependent shape, so it
-    never waits for the device; with no masked token the threshold is NaN and no token passes.
+    The quantile of torch.quantile (linear interpolation between the two nearest ranks), taken on
+    the entropies sorted with the masked-out ones last: no data-dependent shape, so it never waits
+    for the device, and unlike torch.nanquantile it traces with symbolic sizes on torch 2.11
+    (SPEC 19). With no masked token the threshold is NaN and no token passes.
     """
     mask = sums.mask
     if mask.numel() == 0:
         return mask
     on = mask != 0
-    threshold = torch.nanquantile(torch.where(on, entropy, float("nan")), 1.0 - quantile)
+    ranked = torch.where(on, entropy, float("inf")).sort().values
+    pos = (1.0 - quantile) * (on.sum() - 1).to(ranked.dtype)
+    lo = pos.floor().clamp(min=0)
+    low, high = ranked.gather(0, torch.stack([lo, pos.ceil().clamp(min=0)]).long())  # gather: no .item()
+    threshold = low + (pos - lo) * (high - low)
     return ((entropy * mask >= threshold) & on).to(mask.dtype)
 
 
@@ -99,6 +105,26 @@ def _vespo_weight(A: torch.Tensor, log_ratio: torch.Tensor, sums: _Sums, rollout
     return phi.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
 
 
+def _masked_reader(active: torch.Tensor | None):
+    """x -> x at the active positions and `neutral` at the masked ones: a masked position is never
+    read, so a NaN or inf there changes nothing (docs/design.md, "Non-finite inputs")."""
+    if active is None:
+        return lambda x, neutral=0.0: x
+    return lambda x, neutral=0.0: None if x is None else torch.where(active, x, neutral)
+
+
+def _poison(*values: torch.Tensor | None) -> torch.Tensor:
+    """(N,): 0, or NaN at the tokens where one of `values` (per token, already 0 at the masked
+    positions) is NaN or +-inf. Added as sum(poison * l) to the loss, it makes the loss NaN and
+    dL/dl NaN at those tokens: a non-finite input never gives a finite number."""
+    bad = None
+    for x in values:
+        if x is not None:
+            b = ~torch.isfinite(x)
+            bad = b if bad is None else bad | b
+    return torch.where(bad, float("nan"), 0.0).to(values[0].dtype)
+
+
 def _kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str,
                  clamp: float | None = None) -> torch.Tensor:
     """Schulman's estimators of KL(pi_theta || pi_ref) on a sample, with Delta = l - l_ref.
@@ -121,7 +147,10 @@ def _kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: 
 def _divisor(n: float | torch.Tensor | None, default: torch.Tensor | int, like: torch.Tensor) -> torch.Tensor:
     """num_items_in_batch / num_sequences_in_batch (kept on the device), or the default, at least 1."""
     value = default if n is None else n
-    return torch.as_tensor(value, dtype=like.dtype, device=like.device).clamp(min=1.0)
+    if isinstance(value, torch.Tensor):
+        return value.to(like.dtype).clamp(min=1.0)
+    # full() keeps a symbolic count symbolic under torch.compile (as_tensor would specialise it).
+    return like.new_full((), value).clamp(min=1.0)
 
 
 def _verl_mean(x: torch.Tensor, sums: _Sums) -> torch.Tensor:
@@ -310,17 +339,26 @@ def objective(logprobs: torch.Tensor, entropy: torch.Tensor, tokens: Tokens, o: 
     mask = torch.ones_like(logprobs) if tokens.mask is None else tokens.mask.to(dtype)
     sums = _Sums(layout, mask, tokens.mask is None or not tokens.mask.is_floating_point())
     tok = lambda t, per_seq: layout.seq_expand(t) if per_seq else t  # noqa: E731
+    keep = _masked_reader(tokens.active)
+    logprobs, entropy = keep(logprobs), keep(entropy)
 
     adv_per_seq = tokens.advantages_per_seq
     A_raw = tokens.advantages.to(dtype)  # (S,) or (N,)
-    A = tok(A_raw, adv_per_seq)
+    A = keep(tok(A_raw, adv_per_seq))
     # mu = 1: old == current in value, so r == 1 while its gradient is that of l.
-    old = logprobs.detach() if tokens.old_logprobs is None else tokens.old_logprobs.to(dtype)
+    old = logprobs.detach() if tokens.old_logprobs is None else keep(tokens.old_logprobs.to(dtype))
+    ref = keep(as_dtype(tokens.ref_logprobs))
+    sampling = old if tokens.sampling_logprobs is None else keep(tokens.sampling_logprobs.to(dtype))
     is_ratio = as_dtype(tokens.rollout_is_ratio)
     is_per_seq = tokens.rollout_per_seq
     if is_ratio is not None and o.vllm_importance_sampling_mode is not None:  # TRL's vLLM correction
         is_ratio, is_per_seq = _vllm_is_ratio(is_ratio, is_per_seq, sums, o)
-    is_ratio = None if is_ratio is None else tok(is_ratio, is_per_seq)
+    is_ratio = None if is_ratio is None else keep(tok(is_ratio, is_per_seq), 1.0)
+    # Every input the options read, at the active positions (a mask weight of NaN is active).
+    uses_entropy = o.entropy_coef != 0.0 or o.top_entropy_quantile < 1.0
+    poison = _poison(logprobs, A, old, ref if o.beta != 0.0 else None, is_ratio,
+                     sampling if o.off_policy_mask_threshold is not None else None,
+                     entropy if uses_entropy else None, mask if tokens.mask is not None else None)
 
     log_ratio = logprobs - old
     lo, hi = o.log_ratio_bounds  # log_ratio_clamp (verl's stability clamp): on log r, or on log s under GSPO
@@ -369,7 +407,6 @@ def objective(logprobs: torch.Tensor, entropy: torch.Tensor, tokens: Tokens, o: 
 
     # Multipliers of the policy term, in TRL's order.
     if o.off_policy_mask_threshold is not None:
-        sampling = old if tokens.sampling_logprobs is None else tokens.sampling_logprobs.to(dtype)
         per_token_loss = per_token_loss * _off_policy_mask(A, logprobs, sampling, sums, o.off_policy_mask_threshold)
     entropy_mask = None
     if o.top_entropy_quantile < 1.0:
@@ -382,7 +419,7 @@ def objective(logprobs: torch.Tensor, entropy: torch.Tensor, tokens: Tokens, o: 
 
     kl_metric = None
     if o.beta != 0.0:
-        kl = _kl_estimate(logprobs, tokens.ref_logprobs.to(dtype), o.kl_estimator, o.kl_clamp)
+        kl = _kl_estimate(logprobs, ref, o.kl_estimator, o.kl_clamp)
         if o.use_bias_correction_kl:  # r differentiable: an unbiased reverse-KL gradient for any mu
             kl = kl * (ratio if o.kl_ratio == "sequence" else token_ratio)
         per_token_loss = o.beta * kl if per_token_loss is None else per_token_loss + o.beta * kl
@@ -416,6 +453,7 @@ def objective(logprobs: torch.Tensor, entropy: torch.Tensor, tokens: Tokens, o: 
         bonus_mask = mask if entropy_mask is None else mask * entropy_mask
         loss = loss - o.entropy_coef * (entropy * bonus_mask).sum() / bonus_mask.sum().clamp(min=1.0)
 
+    loss = loss + (poison * logprobs).sum()  # 0 (l is finite where poison is 0), or NaN
     if tokens.invalid is not None:  # a value check that could not raise without waiting for the device
         loss = torch.where(tokens.invalid, float("nan"), loss)
     metrics: Metrics = {

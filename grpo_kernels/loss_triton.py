@@ -48,6 +48,13 @@ def _d_min(a, b):
 
 
 @triton.jit
+def _nonfinite(x):
+    """0 where x is finite, NaN where it is NaN or +-inf: added to a token's loss and coefficient, a
+    non-finite input never gives a finite number (docs/design.md, "Non-finite inputs")."""
+    return x - x
+
+
+@triton.jit
 def _mask(mask_ptr, rows, ok, HAS_MASK: tl.constexpr):
     """The mask weights of a block of rows as fp32 (1 where there is no mask, 0 past the sequence)."""
     m = tl.where(ok, 1.0, 0.0)
@@ -60,22 +67,23 @@ def _mask(mask_ptr, rows, ok, HAS_MASK: tl.constexpr):
 def _surrogate(ratio, A, eps_low, eps_high, delta, dual_clip, HAS_DELTA: tl.constexpr, HAS_DUAL_CLIP: tl.constexpr):
     """(-min(u A, c A) with u = min(ratio, delta), c = clamp(ratio, 1 - eps_low, 1 + eps_high),
     capped at -dual_clip A for A < 0; its derivative in the ratio), as loss.py with torch's
-    derivatives of min and clamp."""
+    derivatives of min and clamp. A NaN ratio or A gives a NaN loss, as torch.min and torch.clamp do
+    (tl.minimum / tl.maximum drop a NaN operand unless told to propagate it)."""
     u = ratio
     du = tl.zeros_like(ratio) + 1.0
     if HAS_DELTA:
-        u = tl.minimum(ratio, delta)
+        u = tl.minimum(ratio, delta, propagate_nan=tl.PropagateNan.ALL)
         du = tl.where(ratio <= delta, 1.0, 0.0)
-    c = tl.minimum(tl.maximum(ratio, 1.0 - eps_low), 1.0 + eps_high)
+    c = tl.minimum(tl.maximum(ratio, 1.0 - eps_low, propagate_nan=tl.PropagateNan.ALL), 1.0 + eps_high, propagate_nan=tl.PropagateNan.ALL)
     dc = tl.where((ratio >= 1.0 - eps_low) & (ratio <= 1.0 + eps_high), 1.0, 0.0)
     uA = u * A
     cA = c * A
-    loss = -tl.minimum(uA, cA)
+    loss = -tl.minimum(uA, cA, propagate_nan=tl.PropagateNan.ALL)
     dloss = -(_d_min(uA, cA) * A * du + _d_min(cA, uA) * A * dc)
     if HAS_DUAL_CLIP:
         cap = -dual_clip * A
         dloss = dloss * tl.where(A < 0, _d_min(loss, cap), 1.0)
-        loss = tl.where(A < 0, tl.minimum(loss, cap), loss)
+        loss = tl.where(A < 0, tl.minimum(loss, cap, propagate_nan=tl.PropagateNan.ALL), loss)
     return loss, dloss
 
 
@@ -137,7 +145,9 @@ def _loss_kernel(
 ):
     """For sequence s (rows [s T, s T + T), or offsets[s], offsets[s + 1] packed): reads l, H,
     old, ref, A (per token, or adv[s]), mask and rollout weight of its rows; writes coef[row] =
-    dL_s/dl_row (with SEQ_MEAN the sequence's 1/n included) and sums[k, s], k < NUM_SUMS."""
+    dL_s/dl_row (with SEQ_MEAN the sequence's 1/n included) and sums[k, s], k < NUM_SUMS.
+    A masked row (mask 0) is never read; a NaN or inf input of an active row makes the loss and that
+    row's coefficient NaN (docs/design.md, "Non-finite inputs")."""
     s = tl.program_id(0).to(tl.int64)
     if PACKED:
         start = tl.load(offsets_ptr + s)
@@ -158,10 +168,11 @@ def _loss_kernel(
         m = _mask(mask_ptr, rows, ok, HAS_MASK)
         n += tl.sum(m, axis=0)
         if SEQ_LEVEL and HAS_OLD:
-            lr = tl.load(logprobs_ptr + rows, mask=ok, other=0.0) - \
-                tl.load(old_ptr + rows, mask=ok, other=0.0).to(tl.float32)
+            act = ok & (m != 0)
+            lr = tl.load(logprobs_ptr + rows, mask=act, other=0.0) - \
+                tl.load(old_ptr + rows, mask=act, other=0.0).to(tl.float32)
             log_ratio_sum += tl.sum(m * lr, axis=0)
-    n_div = tl.maximum(n, 1.0)
+    n_div = tl.maximum(n, 1.0, propagate_nan=tl.PropagateNan.ALL)  # a NaN mask weight stays NaN, as torch.clamp
     seq_scale = 1.0
     if SEQ_MEAN:  # grpo: the sequence's masked mean
         seq_scale = 1.0 / n_div
@@ -177,12 +188,12 @@ def _loss_kernel(
     grad_seq_ratio = 0.0
     for b in range(start, end, BLOCK):
         rows = b + idx
-        ok = rows < end
+        m = _mask(mask_ptr, rows, rows < end, HAS_MASK)
+        ok = (rows < end) & (m != 0)  # the rows read: active ones (a NaN mask weight is active)
         l = tl.load(logprobs_ptr + rows, mask=ok, other=0.0)
         H = tl.load(entropy_ptr + rows, mask=ok, other=0.0)
-        m = _mask(mask_ptr, rows, ok, HAS_MASK)
         if ADV_PER_SEQ:
-            A = tl.zeros((BLOCK,), tl.float32) + A_seq
+            A = tl.where(ok, A_seq, 0.0)
         else:
             A = tl.load(adv_ptr + rows, mask=ok, other=0.0).to(tl.float32)
         old = l
@@ -201,13 +212,16 @@ def _loss_kernel(
         loss, dloss_dratio, dkl_dl, kl, is_low, is_high = token_terms(
             l, r, ratio, A, ref, w, beta, eps_low, eps_high, delta, dual_clip, HAS_DELTA, HAS_DUAL_CLIP, HAS_ROLLOUT,
             HAS_REF, KL_ESTIMATOR, KL_RATIO_WEIGHT)
+        bad = _nonfinite(l) + _nonfinite(A) + _nonfinite(old) + _nonfinite(ref) + _nonfinite(m)
+        if HAS_ROLLOUT:
+            bad += _nonfinite(w)
         if SEQ_LEVEL:  # the ratio's gradient reaches every token of the sequence: pass 3
             grad_seq_ratio += tl.sum(m * dloss_dratio, axis=0)
             dloss_dl = dkl_dl
         else:
             dloss_dl = dloss_dratio * r + dkl_dl
-        tl.store(coef_ptr + rows, m * seq_scale * dloss_dl, mask=ok)
-        loss_sum += tl.sum(m * loss, axis=0)
+        tl.store(coef_ptr + rows, tl.where(ok, m * seq_scale * dloss_dl + bad, 0.0), mask=rows < end)
+        loss_sum += tl.sum(m * loss + bad, axis=0)
         kl_sum += tl.sum(m * kl, axis=0)
         h_sum += tl.sum(m * H, axis=0)
         low_sum += tl.sum(m * is_low, axis=0)
@@ -265,13 +279,13 @@ def _sums_kernel(
         total_low += tl.sum(tl.load(p + 4 * S, mask=ok, other=0.0), axis=0)
         total_high += tl.sum(tl.load(p + 5 * S, mask=ok, other=0.0), axis=0)
         total_region += tl.sum(tl.load(p + 6 * S, mask=ok, other=0.0), axis=0)
-    m_div = tl.maximum(total_m, 1.0)
+    m_div = tl.maximum(total_m, 1.0, propagate_nan=tl.PropagateNan.ALL)  # NaN stays NaN, as torch.clamp
     if DIVISOR == 0:
         n = m_div
     elif DIVISOR == 1:
         n = tl.maximum(divisor, 1.0)
     else:
-        n = tl.maximum(tl.load(n_items_ptr).to(tl.float32), 1.0)
+        n = tl.maximum(tl.load(n_items_ptr).to(tl.float32), 1.0, propagate_nan=tl.PropagateNan.ALL)
     clip_div = m_div
     if CLIP_PER_SEQ:
         clip_div = tl.maximum(S * 1.0, 1.0)
@@ -410,7 +424,7 @@ def _plan_kernel(mask_ptr, adv_ptr, offsets_ptr, w_ptr, adv_tok_ptr, seq_n_ptr, 
         n += tl.sum(_mask(mask_ptr, b + idx, ok, HAS_MASK), axis=0)
     scale = 1.0
     if SEQ_MEAN:
-        scale = 1.0 / tl.maximum(n, 1.0)
+        scale = 1.0 / tl.maximum(n, 1.0, propagate_nan=tl.PropagateNan.ALL)
     for b in range(start, end, BLOCK):
         rows = b + idx
         ok = rows < end
@@ -431,13 +445,13 @@ def _plan_scalars_kernel(seq_n_ptr, n_items_ptr, scal_ptr, S, divisor, entropy_c
     total = 0.0
     for start in range(0, S, BLOCK):
         total += tl.sum(tl.load(seq_n_ptr + start + idx, mask=start + idx < S, other=0.0), axis=0)
-    m_div = tl.maximum(total, 1.0)
+    m_div = tl.maximum(total, 1.0, propagate_nan=tl.PropagateNan.ALL)
     if DIVISOR == 0:
         n = m_div
     elif DIVISOR == 1:
         n = tl.maximum(divisor, 1.0)
     else:
-        n = tl.maximum(tl.load(n_items_ptr).to(tl.float32), 1.0)
+        n = tl.maximum(tl.load(n_items_ptr).to(tl.float32), 1.0, propagate_nan=tl.PropagateNan.ALL)
     tl.store(scal_ptr, grad_scale / n)
     tl.store(scal_ptr + 1, -entropy_coef * grad_scale / m_div)
 
@@ -472,10 +486,13 @@ def row_coefficients(rows, ok, l, H, w_ptr, mask_ptr, adv_ptr, old_ptr, ref_ptr,
     loss, dloss_dratio, dkl_dl, kl, is_low, is_high = token_terms(
         l, r, r, A, ref, rollout, beta, eps_low, eps_high, delta, dual_clip, HAS_DELTA, HAS_DUAL_CLIP, HAS_ROLLOUT,
         HAS_REF, KL_ESTIMATOR, KL_RATIO_WEIGHT)
-    c = tl.where(live, w * (dloss_dratio * r + dkl_dl) * tl.load(scal_ptr), 0.0)
+    bad = _nonfinite(l) + _nonfinite(A) + _nonfinite(old) + _nonfinite(ref) + _nonfinite(m)
+    if HAS_ROLLOUT:
+        bad += _nonfinite(rollout)
+    c = tl.where(live, w * (dloss_dratio * r + dkl_dl) * tl.load(scal_ptr) + bad, 0.0)
     e = tl.where(live, m * tl.load(scal_ptr + 1), 0.0)
     z = tl.zeros_like(c)
-    tl.store(sums_ptr + rows, tl.where(live, w * loss, z), mask=ok)
+    tl.store(sums_ptr + rows, tl.where(live, w * loss + bad, z), mask=ok)
     tl.store(sums_ptr + N + rows, tl.where(live, m, z), mask=ok)
     tl.store(sums_ptr + 2 * N + rows, tl.where(live, m * kl, z), mask=ok)
     tl.store(sums_ptr + 3 * N + rows, tl.where(live, m * H, z), mask=ok)

@@ -23,7 +23,7 @@ from . import loss_triton
 from .distributed import vocab_bounds
 from .layout import Tokens, build_tokens, check_inplace, logprobs_result, rows_without_sequences
 from .loss import Metrics, objective
-from .options import GRPOOptions, check_bool, check_temperature
+from .options import GRPOOptions, check_bool, check_temperature, single_backward
 from .sweep import require, resolve_backend, two_pass
 from .sweep.operators import sweep_backward
 
@@ -83,6 +83,7 @@ class TokenLevelLoss(torch.autograd.Function):
         return loss, out, logprobs
 
     @staticmethod
+    @single_backward
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss, _grad_out, _grad_logprobs):
         logits, ids, t_rows, active, m, log_sum, mean_rel, coef, scales, mask = ctx.saved_tensors

@@ -5,6 +5,7 @@ integration reject the same bad input with the same message.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -31,18 +32,54 @@ BACKENDS = ("auto", "triton", "torch", "cuda")
 LOGITS_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
+def shown(value):
+    """value for an error message. Under torch.compile a float or int keyword may be symbolic
+    (dynamic=True makes Python numbers, defaults included, into SymFloat / SymInt), which an
+    f-string cannot format; float() / int() make it concrete, on the failing branch only."""
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    if isinstance(value, float):
+        return float(value)
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, (tuple, list)):
+        return type(value)(shown(v) for v in value)
+    return value
+
+
 def _finite(name: str, value: float) -> float:
+    """value as a float, refusing non-numbers, NaN and +-inf. Comparisons only (not math.isfinite),
+    so the check also runs, as guards, on the symbolic floats of torch.compile (SPEC 19)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
+    if not -math.inf < value < math.inf:
+        raise ValueError(f"{name} must be finite, got {shown(value)}")
     return float(value)
+
+
+DOUBLE_BACKWARD = (
+    "grpo_kernels does not support double backward (create_graph=True through the loss, e.g. for a "
+    "gradient penalty or Hessian-vector products): its sweeps write the gradient without an autograd "
+    "graph of their own. Differentiate grpo_kernels.reference.grpo_loss for higher-order gradients.")
+
+
+def single_backward(backward):
+    """Decorates the backward of each of our autograd functions and operators: it refuses a
+    backward that would record a graph (create_graph=True, which runs backwards with grad mode on),
+    with one clear error on every backend. Put it above once_differentiable, which turns grad mode off."""
+    @functools.wraps(backward)
+    def checked(ctx, *grads):
+        if torch.is_grad_enabled():
+            raise RuntimeError(DOUBLE_BACKWARD)
+        return backward(ctx, *grads)
+
+    return checked
 
 
 def check_bool(name: str, value: object) -> bool:
     """Only True or False: a string such as "false" is truthy and would switch the option on."""
     if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {shown(value)!r}")
     return value
 
 
@@ -54,10 +91,10 @@ def check_temperature(temperature: object) -> None:
             raise TypeError(f"temperature must be a float or a floating-point tensor, got {temperature.dtype}")
         return
     if not _finite("temperature", temperature) > 0.0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+        raise ValueError(f"temperature must be > 0, got {shown(temperature)}")
     if not 1.0 / temperature <= torch.finfo(torch.float32).max:
         raise ValueError(f"temperature must be at least {1 / torch.finfo(torch.float32).max:.3g}, so that "
-                         f"1 / temperature is finite in float32; got {temperature}")
+                         f"1 / temperature is finite in float32; got {shown(temperature)}")
 
 
 def _divisor(name: str, n: object) -> None:
@@ -73,12 +110,12 @@ def _divisor(name: str, n: object) -> None:
         else:
             return
     if _finite(name, n) < 0:
-        raise ValueError(f"{name} must be >= 0, got {n}")
+        raise ValueError(f"{name} must be >= 0, got {shown(n)}")
 
 
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> str:
     if value not in allowed:
-        raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+        raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {shown(value)!r}")
     return value
 
 
@@ -174,11 +211,12 @@ class GRPOOptions:
         _choice("backend", self.backend, BACKENDS)
         _finite("beta", self.beta)
         if not 0.0 <= _finite("epsilon_low", self.epsilon_low) < 1.0:
-            raise ValueError(f"epsilon_low must be in [0, 1), got {self.epsilon_low}")
+            raise ValueError(f"epsilon_low must be in [0, 1), got {shown(self.epsilon_low)}")
         if self.epsilon_high is not None and _finite("epsilon_high", self.epsilon_high) < 0.0:
-            raise ValueError(f"epsilon_high must be >= 0, got {self.epsilon_high}")
+            raise ValueError(f"epsilon_high must be >= 0, got {shown(self.epsilon_high)}")
         if self.delta is not None and not _finite("delta", self.delta) > 1.0 + self.eps_high:
-            raise ValueError(f"delta must be > 1 + epsilon_high = {1.0 + self.eps_high}, got {self.delta}")
+            raise ValueError(f"delta must be > 1 + epsilon_high = {shown(1.0 + self.eps_high)}, "
+                             f"got {shown(self.delta)}")
         check_temperature(self.temperature)
         check_bool("use_bias_correction_kl", self.use_bias_correction_kl)
         check_bool("inplace_backward", self.inplace_backward)
@@ -186,13 +224,13 @@ class GRPOOptions:
             raise ValueError("grad_scale must be finite and non-zero (the upstream gradient the loss will get)")
         for name in ("sapo_temperature_pos", "sapo_temperature_neg"):
             if not _finite(name, getattr(self, name)) > 0.0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+                raise ValueError(f"{name} must be > 0, got {shown(getattr(self, name))}")
         for name in ("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg", "entropy_coef"):
             _finite(name, getattr(self, name))
         if self.dual_clip is not None and not _finite("dual_clip", self.dual_clip) > 1.0:
-            raise ValueError(f"dual_clip must be > 1, got {self.dual_clip}")
+            raise ValueError(f"dual_clip must be > 1, got {shown(self.dual_clip)}")
         if not 0.0 <= _finite("top_entropy_quantile", self.top_entropy_quantile) <= 1.0:
-            raise ValueError(f"top_entropy_quantile must be in [0, 1], got {self.top_entropy_quantile}")
+            raise ValueError(f"top_entropy_quantile must be in [0, 1], got {shown(self.top_entropy_quantile)}")
         if self.off_policy_mask_threshold is not None:
             _finite("off_policy_mask_threshold", self.off_policy_mask_threshold)
         if self.max_completion_length is not None and (
@@ -200,7 +238,8 @@ class GRPOOptions:
             or not isinstance(self.max_completion_length, int)
             or self.max_completion_length <= 0
         ):
-            raise ValueError(f"max_completion_length must be a positive int, got {self.max_completion_length!r}")
+            raise ValueError(f"max_completion_length must be a positive int, "
+                             f"got {shown(self.max_completion_length)!r}")
         _divisor("num_items_in_batch", self.num_items_in_batch)
         _divisor("num_sequences_in_batch", self.num_sequences_in_batch)
         if self.loss_type == "vespo" and self.importance_sampling_level != "token":
@@ -213,7 +252,7 @@ class GRPOOptions:
         if self.loss_agg_mode is not None:
             _choice("loss_agg_mode", self.loss_agg_mode, LOSS_AGG_MODES)
         if isinstance(self.dp_size, bool) or not isinstance(self.dp_size, int) or self.dp_size < 1:
-            raise ValueError(f"dp_size must be a positive int, got {self.dp_size!r}")
+            raise ValueError(f"dp_size must be a positive int, got {shown(self.dp_size)!r}")
         _divisor("batch_num_tokens", self.batch_num_tokens)
         _divisor("global_batch_size", self.global_batch_size)
         if self.dp_size > 1:  # verl's agg_loss raises the same
@@ -224,23 +263,25 @@ class GRPOOptions:
                 raise ValueError(f"global_batch_size is required when dp_size > 1 with "
                                  f"loss_agg_mode={self.loss_agg_mode!r}")
         if self.loss_scale_factor is not None and not _finite("loss_scale_factor", self.loss_scale_factor) > 0:
-            raise ValueError(f"loss_scale_factor must be > 0, got {self.loss_scale_factor}")
+            raise ValueError(f"loss_scale_factor must be > 0, got {shown(self.loss_scale_factor)}")
         if not _finite("clip_ratio_c", self.clip_ratio_c) > 0.0:
-            raise ValueError(f"clip_ratio_c must be > 0, got {self.clip_ratio_c}")
+            raise ValueError(f"clip_ratio_c must be > 0, got {shown(self.clip_ratio_c)}")
         for name in ("clip_cov_ratio", "kl_cov_ratio"):  # verl asserts > 0; topk needs kl_cov_ratio <= 1
             value = _finite(name, getattr(self, name))
             if not (0.0 < value <= 1.0 if name == "kl_cov_ratio" else value > 0.0):
-                raise ValueError(f"{name} must be in {'(0, 1]' if name == 'kl_cov_ratio' else '(0, inf)'}, got {value}")
+                raise ValueError(f"{name} must be in {'(0, 1]' if name == 'kl_cov_ratio' else '(0, inf)'}, "
+                                 f"got {shown(value)}")
         _finite("clip_cov_lb", self.clip_cov_lb)
         _finite("clip_cov_ub", self.clip_cov_ub)
         _finite("ppo_kl_coef", self.ppo_kl_coef)
         if self.dro_beta is not None:
             _finite("dro_beta", self.dro_beta)
         if self.loss_type == "dro" and not (self.dro_beta is not None and self.dro_beta > 0):
-            raise ValueError(f"loss_type='dro' needs dro_beta > 0 (verl: policy_loss.dro_beta), got {self.dro_beta}")
+            raise ValueError("loss_type='dro' needs dro_beta > 0 (verl: policy_loss.dro_beta), "
+                             f"got {shown(self.dro_beta)}")
         self.log_ratio_bounds  # validates log_ratio_clamp
         if self.kl_clamp is not None and not _finite("kl_clamp", self.kl_clamp) > 0.0:
-            raise ValueError(f"kl_clamp must be > 0, got {self.kl_clamp}")
+            raise ValueError(f"kl_clamp must be > 0, got {shown(self.kl_clamp)}")
         check_bool("verl_metrics", self.verl_metrics)
         if self.loss_type in VERL_LOSS_TYPES and self.importance_sampling_level != "token":
             raise ValueError(f"loss_type={self.loss_type!r} is a token-level verl loss; "
@@ -260,8 +301,8 @@ class GRPOOptions:
             return
         mode = _choice("vllm_importance_sampling_mode", self.vllm_importance_sampling_mode, VLLM_IS_MODES)
         if lo is not None and hi is not None and lo >= hi:
-            raise ValueError(f"vllm_importance_sampling_clip_min ({lo}) must be less than "
-                             f"vllm_importance_sampling_clip_max ({hi})")
+            raise ValueError(f"vllm_importance_sampling_clip_min ({shown(lo)}) must be less than "
+                             f"vllm_importance_sampling_clip_max ({shown(hi)})")
         if mode.endswith("_truncate") and lo is None and hi is None:
             raise ValueError("At least one of vllm_importance_sampling_clip_min or vllm_importance_sampling_clip_max "
                              "must be set when vllm_importance_sampling_mode is a *_truncate mode")
@@ -277,13 +318,13 @@ class GRPOOptions:
             return None, None
         if isinstance(c, (tuple, list)):
             if len(c) != 2:
-                raise ValueError(f"log_ratio_clamp must be a number or a pair (low, high), got {c!r}")
+                raise ValueError(f"log_ratio_clamp must be a number or a pair (low, high), got {shown(c)!r}")
             lo, hi = (None if v is None else _finite("log_ratio_clamp", v) for v in c)
             if lo is not None and hi is not None and not lo < hi:
-                raise ValueError(f"log_ratio_clamp (low, high) needs low < high, got {c!r}")
+                raise ValueError(f"log_ratio_clamp (low, high) needs low < high, got {shown(c)!r}")
             return lo, hi
         if not _finite("log_ratio_clamp", c) > 0.0:
-            raise ValueError(f"log_ratio_clamp must be > 0 (or a pair (low, high)), got {c}")
+            raise ValueError(f"log_ratio_clamp must be > 0 (or a pair (low, high)), got {shown(c)}")
         return -float(c), float(c)
 
     @property

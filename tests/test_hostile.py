@@ -257,3 +257,31 @@ def test_cpu_path_chunks_across_short_sequences(monkeypatch):
     assert max(seen) == B * T  # 256 rows of 256 columns fit one chunk
     want = grpo_kernels.reference.token_logprobs(logits.double(), ids)[0]
     assert float((lp.double() - want).abs().max()) < 1e-5
+
+
+@pytest.mark.parametrize("entry", ["fused_grpo_loss", "token_logprobs", "fused_linear_grpo_loss",
+                                   "linear_token_logprobs"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_double_backward_raises_one_clear_error(backend, entry):
+    """create_graph=True through the loss (issue 18): the same RuntimeError on every backend and entry
+    point, at the first backward; a plain backward still works."""
+    g = torch.Generator().manual_seed(5)
+    V = 9
+    ids, adv = torch.randint(0, V, (2, 3), generator=g), torch.randn(2, generator=g)
+    x = torch.randn(2, 3, V if entry in ("fused_grpo_loss", "token_logprobs") else 4, generator=g,
+                    requires_grad=True)
+    weight = torch.randn(V, 4, generator=g)
+
+    def loss():
+        if entry == "fused_grpo_loss":
+            return grpo_kernels.fused_grpo_loss(x, ids, adv, backend=backend)[0]
+        if entry == "token_logprobs":
+            return grpo_kernels.token_logprobs(x, ids, backend=backend).sum()
+        if entry == "fused_linear_grpo_loss":
+            return grpo_kernels.fused_linear_grpo_loss(x, weight, ids, adv, backend=backend)[0]
+        return grpo_kernels.linear_token_logprobs(x, weight, ids, backend=backend).sum()
+
+    with pytest.raises(RuntimeError, match="does not support double backward"):
+        torch.autograd.grad(loss(), x, create_graph=True)
+    (grad,) = torch.autograd.grad(loss(), x)
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0

@@ -235,6 +235,9 @@ def test_parity_options(seed, loss_level, beta, temperature, epsilon_low, epsilo
     if rollout is not None:
         shape = (B, T) if rollout == "token" else (B, 1)
         inputs["rollout_is_ratio"] = torch.rand(shape, generator=g, dtype=torch.float64) * 2.5
+        if rollout == "token":  # TRL's ratio is exp of a masked log-ratio: 1 where the mask is 0. (VESPO in TRL
+            # sums its log over every position; masked positions are never read here: docs/design.md.)
+            inputs["rollout_is_ratio"] = torch.where(inputs["completion_mask"] != 0, inputs["rollout_is_ratio"], 1.0)
     if with_sampling_logprobs and off_policy_mask_threshold is not None:
         inputs["sampling_logprobs"] = inputs["old_logprobs"] + 0.3 * torch.randn(B, T, generator=g, dtype=torch.float64)
     if top_entropy_quantile < 1.0 and int(inputs["completion_mask"].count_nonzero()) == 1:

@@ -19,7 +19,7 @@ import torch
 from ..distributed import vocab_bounds
 from ..layout import Tokens, build_tokens, check_ids, check_rows, logprobs_result, rows_without_sequences
 from ..loss import Metrics, objective
-from ..options import GRPOOptions, check_bool, check_temperature
+from ..options import GRPOOptions, check_bool, check_temperature, single_backward
 from ..sweep import resolve_backend, stats_dtype
 
 Tensor = torch.Tensor
@@ -96,6 +96,7 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(m, log_sum, mean_rel)
 
 
+@single_backward
 def _backward(ctx, grad_logprobs, grad_entropy, *_):
     needs = list(ctx.needs_input_grad[:3])
     if (grad_logprobs is None and grad_entropy is None) or not any(needs):

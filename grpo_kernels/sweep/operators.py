@@ -18,6 +18,7 @@ from typing import Optional
 import torch
 
 from . import backend_module, stats_dtype
+from ..options import single_backward
 
 Tensor = torch.Tensor
 
@@ -131,6 +132,7 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(m, log_sum, mean_rel)
 
 
+@single_backward
 def _backward(ctx, grad_logprobs, grad_entropy, *_):
     if grad_logprobs is None and grad_entropy is None:
         return (None,) * 11

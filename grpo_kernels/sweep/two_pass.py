@@ -37,7 +37,7 @@ import triton.language as tl
 
 from .. import loss_triton
 from ..layout import Layout, Tokens
-from ..options import GRPOOptions
+from ..options import GRPOOptions, single_backward
 from .triton import (_RUNTIME_INTS, _check_supported, _row_offset, _row_setup, _rows_aligned, expm1,
                      merge_statistics, online_softmax_step, row_args)
 
@@ -432,6 +432,7 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(output[3])  # the gradient, an output of the op
 
 
+@single_backward
 def _backward(ctx, grad_loss, *_):
     if grad_loss is None:
         return (None,) * 28
@@ -458,6 +459,7 @@ class _TwoPassInPlace(torch.autograd.Function):
         return loss, out, logprobs
 
     @staticmethod
+    @single_backward
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss, *_):
         (grad,) = ctx.saved_tensors

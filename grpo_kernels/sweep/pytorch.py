@@ -5,12 +5,11 @@ rows gathered by index, across sequences (a logits[:, :-1] view with short seque
 costs no more than a contiguous tensor). An inactive row is never read. Math runs in
 float32, or float64 for float64 logits.
 
-Memory: each sweep allocates its chunk buffers once, two (k, V) in the compute dtype (bf16
-and fp16 rows pass through the one not in use at the time), and does all of a chunk's math
-in place in them, so
-what it holds beyond its outputs is those buffers (bench/cpu_memory.py measures it). A
-chunk is at most CHUNK_ELEMENTS and at most 1 / MIN_CHUNKS of the rows, so the buffers stay
-a few per cent of the logits however small they are (issue 18).
+Memory: each sweep allocates two (k, V) chunk buffers in the compute dtype once and does all
+of a chunk's math in place in them (rows of bf16/fp16 logits pass through the buffer not in
+use at the time), so what it holds beyond its outputs is those buffers. A chunk is at most
+CHUNK_ELEMENTS and at most 1 / MIN_CHUNKS of the rows, so they stay a few per cent of the
+logits however small these are (issue 18; bench/cpu_memory.py measures it).
 """
 from __future__ import annotations
 

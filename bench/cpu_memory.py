@@ -20,6 +20,14 @@ The figures (MB = 1e6 bytes):
                 step against the least it can be, the logits and their gradient. This is
                 the bf16 goal (<= 1.05), where the fp32 chunk of the compute, not the
                 gradient, is what can outgrow a small tensor of logits
+
+Measured on CPU AMD EPYC (2 cores), torch 2.13.0+cpu, one thread, 2026-12-04, three fresh
+processes a cell (growth MB; x logits / x (l+g)):
+  fp32-152k  ours-torch  629.7   1.012 / 1.006   (at cedfb00, before issue 18: 655.5, 1.053 / 1.027)
+             eager       1244.6  2.000 / 1.500
+  bf16-32k   ours-torch  34.0    1.037 / 1.019   (at cedfb00: 74.4-88.8, 2.27-2.71 / 1.64-1.85)
+             eager       106.6-147.6  3.25-4.50 / 2.13-2.75
+ours-torch at a182477. Eager's bf16 figure moves from process to process with the C heap.
 """
 from __future__ import annotations
 

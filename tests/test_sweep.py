@@ -201,6 +201,21 @@ def test_row_offsets_are_int64_past_two_to_the_31():
     assert out.tolist() == want
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("grad_entropy", [0.5, 3.0, -40.0])
+def test_minus_inf_logit_gets_zero_gradient(backend, grad_entropy):
+    """A -inf logit (a masked-out token) has p = 0 and gets gradient 0 at any dL/dentropy, also
+    where e (H + log p) would overflow if log p were floored at the lowest finite value."""
+    logits = random_logits(2, 3, 8, torch.float32, seed=4)
+    logits[..., 5] = -float("inf")
+    ids = torch.randint(0, 5, (6,))
+    module = backend_module(backend)
+    outs = module.forward(logits, ids, 1.0, None)
+    grad = torch.full(logits.shape, float("nan"))
+    module.backward(logits, ids, 1.0, None, *outs[2:], torch.randn(6), torch.full((6,), grad_entropy), grad)
+    assert torch.isfinite(grad).all() and (grad[..., 5] == 0).all()
+
+
 class _NewStorages(TorchDispatchMode):
     """Records the bytes of every storage an op returns that none of its inputs had: what it allocated."""
 

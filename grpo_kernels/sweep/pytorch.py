@@ -26,6 +26,10 @@ CHUNK_ELEMENTS = 1 << 20
 # 16M elements, while a chunk keeps enough elements that its ~25 op launches stay cheap.
 MIN_CHUNK_ELEMENTS = 1 << 17
 MIN_CHUNKS = 128
+# The backward's floor for log p: below where exp underflows to 0 in fp32 (-104) and fp64 (-746),
+# so it changes no p > 0, and small enough in size that e (H + log p) cannot overflow, so a -inf
+# logit (p = 0) gets 0 whatever dL/dentropy, not 0 * -inf (as the Triton sweep's where(p > 0)).
+LOG_P_FLOOR = -1e4
 
 
 def _active_rows(active: torch.Tensor | None, n: int, device: torch.device) -> torch.Tensor:
@@ -207,7 +211,6 @@ def backward(logits, ids, temperature, active, m, log_sum, mean_rel, grad_logpro
 
     # Per active row, (k, 1): the shifts, -c and -e, the target's column, and the gradient at
     # the target (from its log p computed as in the chunk, so the values match bit for bit).
-    lowest = torch.finfo(dtype).min
     m_r, log_s = m[rows].to(dtype).unsqueeze(-1), log_sum[rows].to(dtype).unsqueeze(-1)
     neg_c = (torch.zeros(k, 1, dtype=dtype, device=device) if grad_logprobs is None
              else grad_logprobs[rows].to(dtype).neg().unsqueeze(-1))
@@ -217,10 +220,10 @@ def backward(logits, ids, temperature, active, m, log_sum, mean_rel, grad_logpro
     logp_y = log_p(src.target(rows, col).to(dtype), slice(None))
     # The target's c (1 - p_y) as -c expm1(log p_y): no cancellation for a confident token.
     target = neg_c * torch.expm1(logp_y)
-    if grad_entropy is not None:  # -e p_y (H + log p_y), log p clamped so that p = 0 gives 0, not 0 * -inf
+    if grad_entropy is not None:  # -e p_y (H + log p_y), log p floored so that p = 0 gives 0 (LOG_P_FLOOR)
         H = (log_sum[rows] - mean_rel[rows]).to(dtype).unsqueeze(-1)
         neg_e = grad_entropy[rows].to(dtype).neg().unsqueeze(-1)
-        target = target + neg_e * (logp_y.clamp(min=lowest) + H) * logp_y.exp()
+        target = target + neg_e * (logp_y.clamp(min=LOG_P_FLOOR) + H) * logp_y.exp()
     step = chunk_rows(k, V)
     logp_buf, p_buf = _buffers(step, V, dtype, device)
     # Staging for bf16/fp16 rows: p_buf is free while a chunk is read, logp_buf once p holds the gradient.
@@ -232,7 +235,7 @@ def backward(logits, ids, temperature, active, m, log_sum, mean_rel, grad_logpro
         if grad_entropy is None:
             grad = p.mul_(neg_c[j])
         else:  # -p (c + e (H + log p))
-            grad = p.mul_(logp.clamp_(min=lowest).add_(H[j]).mul_(neg_e[j]).add_(neg_c[j]))
+            grad = p.mul_(logp.clamp_(min=LOG_P_FLOOR).add_(H[j]).mul_(neg_e[j]).add_(neg_c[j]))
         grad.scatter_(-1, col[j], torch.where(owned[j], target[j], grad.gather(-1, col[j])))
         if scale is not None:
             grad.mul_(inv_t if isinstance(inv_t, float) else inv_t[j])

@@ -85,6 +85,50 @@ def peak_extra(fn: Callable[[], object], device: torch.device) -> tuple[object, 
     return out, (torch.cuda.max_memory_allocated(device) - before) / MB
 
 
+def _proc_status_kb(field: str) -> int:
+    """A "kB" line of /proc/self/status (VmRSS, VmHWM), in kB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise OSError(f"no {field} in /proc/self/status")
+
+
+def _malloc_trim() -> None:
+    """Hand the C heap's free pages back to the kernel (glibc malloc_trim; a no-op elsewhere), so
+    that memory freed by earlier work does not sit in the baseline and absorb the next peak."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def peak_rss_growth(fn: Callable[[], object]) -> tuple[object, float | None]:
+    """fn()'s result and the peak growth of this process's resident memory while fn ran, in MB.
+
+    The CPU counterpart of peak_extra: the baseline is the resident set after a garbage
+    collection and malloc_trim (the inputs, and whatever earlier work still holds); the peak
+    is the kernel's high-water mark (VmHWM), reset to the current RSS just before fn by
+    writing 5 to /proc/self/clear_refs. What fn returns (the gradient) counts, as it is
+    alive at the peak. Resident memory is what a CPU user runs out of: it also counts pages
+    the C heap keeps after a free, which an allocator counter would not. It undercounts
+    what fn allocates into heap pages freed earlier and still resident, so for a figure that
+    stands alone, call it first thing in a fresh process after a warm-up on a tiny shape
+    (bench/cpu_memory.py does). None where /proc (Linux) is not there.
+    """
+    try:
+        gc.collect()
+        _malloc_trim()
+        before = _proc_status_kb("VmRSS")
+        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS (Linux >= 4.0)
+    except OSError:
+        return fn(), None
+    out = fn()
+    return out, (_proc_status_kb("VmHWM") - before) * 1024 / MB
+
+
 def copy_gbps(device: torch.device, nbytes: int, timing: Timing) -> float:
     """Device-to-device copy bandwidth in GB/s, counting the bytes read and the bytes written.
 

@@ -251,8 +251,8 @@ def test_cpu_path_chunks_across_short_sequences(monkeypatch):
     logits = full[:, :-1]  # cannot be flattened without a copy
     ids = torch.randint(0, V, (B, T))
     seen = []
-    gather = torch_path._gather
-    monkeypatch.setattr(torch_path, "_gather", lambda x, rows: seen.append(rows.numel()) or gather(x, rows))
+    read = torch_path._Rows.read
+    monkeypatch.setattr(torch_path._Rows, "read", lambda self, idx, *a: seen.append(idx.numel()) or read(self, idx, *a))
     lp = grpo_kernels.token_logprobs(logits, ids, backend="torch")
     assert max(seen) == B * T  # 256 rows of 256 columns fit one chunk
     want = grpo_kernels.reference.token_logprobs(logits.double(), ids)[0]

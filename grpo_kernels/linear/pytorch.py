@@ -13,7 +13,8 @@ chunk's logits (N, chunk) are computed, reduced and dropped.
             dtype), grad_weight[chunk] = dz.T @ hidden, grad_bias[chunk] = dz.sum(0).
 
 Math runs in float32 (float64 for float64 inputs). Extra memory: the hidden states and the
-running grad_hidden in the compute dtype, O(N * H), plus one chunk of logits, O(CHUNK_ELEMENTS).
+running grad_hidden in the compute dtype, O(N * H), plus two chunks of logits, O(CHUNK_ELEMENTS)
+(the chunk math runs in place: issue 18).
 """
 from __future__ import annotations
 
@@ -42,7 +43,8 @@ def default_chunk(N: int, V: int) -> int:
 
 
 def chunk_stats(z: torch.Tensor, local_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Softmax statistics of the rows of one chunk of logits z (N, C), relative to the row max.
+    """Softmax statistics of the rows of one chunk of logits z (N, C), relative to the row max
+    (z is overwritten).
 
     `local_ids` are the targets' column indices within the chunk (outside [0, C) when the
     target lies in another chunk). Returns m, s, u, z_y, each (N,): the max, sum exp(z - m),
@@ -50,14 +52,15 @@ def chunk_stats(z: torch.Tensor, local_ids: torch.Tensor) -> tuple[torch.Tensor,
     numbers), and the target logit (0 when not in this chunk).
     """
     m = z.amax(-1)
-    # A row of -inf gives m = -inf; shift by 0 there so that exp() sees -inf, not NaN.
-    shift = torch.where(m == -float("inf"), 0.0, m).unsqueeze(-1)
-    e = torch.exp(z - shift)
-    s = e.sum(-1)
-    u = (e * torch.where(e > 0, z - shift, 0.0)).sum(-1)  # a -inf logit adds 0, not 0 * -inf
     C = z.shape[-1]
     in_chunk = (local_ids >= 0) & (local_ids < C)
     z_y = z.gather(-1, local_ids.clamp(0, C - 1).unsqueeze(-1)).squeeze(-1)
+    # In place in z (the caller's fresh chunk): one more chunk-sized tensor, e, not five.
+    z_rel = z.sub_(shift_of(m).unsqueeze(-1))
+    e = torch.exp(z_rel)
+    s = e.sum(-1)
+    # A -inf logit must add 0 to u, not 0 * -inf = NaN: the lowest finite value has e = 0 too.
+    u = z_rel.clamp_(min=torch.finfo(z.dtype).min).mul_(e).sum(-1)
     return m, s, u, torch.where(in_chunk, z_y, 0.0)
 
 
@@ -132,19 +135,30 @@ def backward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     chunk = vocab_chunk or default_chunk(N, V)
     for start, stop in vocab_chunks(V, chunk):
         z, w = _chunk_logits(h, weight, bias, start, stop, inv_t)
-        z_rel = z - m
-        logp = z_rel - log_sum
-        p = torch.exp(logp)
-        dz = torch.zeros_like(z)
+        # In place in z, beside one more chunk-sized tensor (p, then dz) and a mask.
+        z_rel = z.sub_(m)
+        dz = p = torch.sub(z_rel, log_sum).exp_()
+        local = ids - start
+        in_chunk = ((local >= 0) & (local < stop - start)).unsqueeze(-1)
+        col = local.clamp(0, stop - start - 1).unsqueeze(-1)
+        z_y_rel = z_rel.gather(-1, col)
+        dz_y = None
         if c is not None:
-            dz = -c * p
-            local = ids - start
-            in_chunk = ((local >= 0) & (local < stop - start)).unsqueeze(-1)
-            col = local.clamp(0, stop - start - 1).unsqueeze(-1)
             # The target's c (1 - p_y) as -c expm1(log p_y): no cancellation for a confident token.
-            dz.scatter_(-1, col, torch.where(in_chunk, -c * torch.expm1(logp.gather(-1, col)), dz.gather(-1, col)))
+            dz_y = -c * torch.expm1(z_y_rel - log_sum)
         if e is not None:
-            dz += e * p * torch.where(p > 0, mean_rel - z_rel, 0.0)
+            # e p (mean_rel - (z - m)), 0 where p = 0 (there z - m may be -inf).
+            p_y = p.gather(-1, col)
+            at_y = e * p_y * torch.where(p_y > 0, mean_rel - z_y_rel, 0.0)
+            dz_y = at_y if dz_y is None else dz_y + at_y
+            factor = z_rel.neg_().add_(mean_rel).masked_fill_(p == 0, 0.0).mul_(e)
+            dz = p.mul_(factor if c is None else factor.sub_(c))
+        elif c is not None:
+            dz = p.mul_(-c)
+        else:
+            dz = p.zero_()
+        if dz_y is not None:
+            dz.scatter_(-1, col, torch.where(in_chunk, dz_y, dz.gather(-1, col)))
         dz *= inv_t
         if grad_hidden is not None:
             grad_hidden.addmm_(dz, w)

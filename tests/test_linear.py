@@ -21,15 +21,16 @@ from hypothesis import strategies as st
 from grpo_kernels.linear import fused_linear_grpo_loss, linear_token_logprobs
 from grpo_kernels.linear import pytorch as linear_torch
 from grpo_kernels.linear import triton as triton_linear
-from grpo_kernels.linear.triton import GemmTiles, LinearConfig
+from grpo_kernels.linear.triton import LinearConfig
 from grpo_kernels.reference import grpo_loss
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 
-# Tiny, mutually different tiles: several tiles and chunks per axis on shapes of a few dozen,
-# and no kernel may assume another's tiling. The vocabulary chunk (64) is two logits tiles.
-TINY = LinearConfig(logits=GemmTiles(16, 32, 16), grad_hidden=GemmTiles(16, 16, 32),
-                    grad_weight=GemmTiles(32, 16, 16), vocab_chunk=64, group=2)
+# Tiny chunks and blocks: several chunks of tokens and several vocabulary blocks per row on shapes of
+# a few dozen (the last chunk and the last block partial). TINY writes dz into the fp32 chunk, as
+# shipped; TINY_SCRATCH into a separate buffer.
+TINY = LinearConfig(chunk_rows=7, block_v=32, num_warps=4)
+TINY_SCRATCH = LinearConfig(chunk_rows=7, inplace_dz=False, block_v=32, num_warps=4)
 
 
 def rel_err(actual: torch.Tensor, expected: torch.Tensor, floor: float = 1e-3) -> float:
@@ -169,29 +170,29 @@ def test_triton_sweep_empty_batch():
 
 
 def test_no_recompile_across_batches_and_temperatures():
-    """Every kernel maps calls with any N, temperature and chunk position to one specialisation."""
+    """Every kernel maps calls with any chunk size, chunk position and temperature to one specialisation."""
     sys.path.insert(0, TESTS)
     from triton_aot import specialization_key
 
     V, H, dtype = 1000, 64, torch.float16
-    config = LinearConfig(GemmTiles(32, 64, 32), GemmTiles(32, 32, 32), GemmTiles(32, 32, 32), vocab_chunk=256)
+    config = triton_linear.default_config(4096, V, H, dtype)
     keys = {}
-    for N, temperature in [(64, 1.0), (77, 0.3), (1, 2.5), (1000, 0.9), (4097, 1.7)]:
-        hidden, weight, b = torch.empty(N, H, dtype=dtype), torch.empty(V, H, dtype=dtype), torch.empty(V, dtype=dtype)
-        ids, row = torch.empty(N, dtype=torch.int64), torch.empty(N)
-        dz, partial = torch.empty(N, 256, dtype=dtype), torch.empty(N, 256)
-        acc, out = torch.empty(N, H), torch.empty(N, H, dtype=dtype)
-        launches = {"fwd": triton_linear.forward_launch(hidden, weight, b, ids, temperature, None,
-                                                        torch.empty(4, 4, N), config)}
-        for v_begin in (0, 512, 768):  # first, middle and the (shorter) last chunk
-            launches[f"dz{v_begin}"] = triton_linear.dz_launch(hidden, weight, b, ids, temperature, None, row, row,
-                                                               row, row, row, dz, partial, v_begin, config)
-            launches[f"gh{v_begin}"] = triton_linear.grad_hidden_launch(dz, weight, acc, out, v_begin, False, False,
-                                                                        config)
-            launches[f"gw{v_begin}"] = triton_linear.grad_weight_launch(dz, hidden, weight, v_begin, config)
+    N = 5000
+    bias = torch.empty(V, dtype=dtype)
+    ids, row, temp = torch.empty(N, dtype=torch.int64), torch.empty(N), torch.empty(N)
+    for n, r0, temperature in [(64, 0, 1.0), (77, 3, 0.3), (1, 4097, 2.5), (1000, 1, 0.9), (768, 4001, 1.7)]:
+        x = torch.empty(n, V)
+        launches = {
+            "stats": triton_linear.stats_launch(x, bias, ids[r0:r0 + n], temperature, None,
+                                                [row[r0:r0 + n]] * 5, config),
+            "stats-temprows": triton_linear.stats_launch(x, bias, ids[r0:r0 + n], temp[r0:r0 + n], None,
+                                                         [row[r0:r0 + n]] * 5, config),
+            "dz": triton_linear.dz_launch(x, x.view(dtype)[:, :V], bias, ids[r0:r0 + n], temperature, None,
+                                          *[row[r0:r0 + n]] * 5, config),
+        }
         for name, (kernel, _grid, args, meta) in launches.items():
-            keys.setdefault(name.rstrip("0123456789"), set()).add(specialization_key(kernel, args, meta))
-    assert {name: len(k) for name, k in keys.items()} == {"fwd": 1, "dz": 1, "gh": 1, "gw": 1}
+            keys.setdefault(name, set()).add(specialization_key(kernel, args, meta))
+    assert {name: len(k) for name, k in keys.items()} == {"stats": 1, "stats-temprows": 1, "dz": 1}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -391,37 +392,30 @@ SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 
 def shipped_launches(N=8192, V=151936, H=4096):
     """(name, kernel, grid, args, meta) of every kernel variant we ship, at a production shape
-    (torch.empty allocates no pages: the 1.2 GB weight costs nothing here)."""
+    (torch.empty allocates no pages: the fp32 chunk costs nothing here)."""
     for dtype in triton_linear.SUPPORTED_DTYPES:
         cfg = triton_linear.default_config(N, V, H, dtype)
-        hidden, weight = torch.empty(N, H, dtype=dtype), torch.empty(V, H, dtype=dtype)
-        bias, ids, row = torch.empty(V, dtype=dtype), torch.empty(N, dtype=torch.int64), torch.empty(N)
-        dz = torch.empty(N, cfg.vocab_chunk, dtype=dtype)
-        partial = torch.empty(N // cfg.logits.block_m + 1, cfg.vocab_chunk)
-        acc, out = torch.empty(N, H), torch.empty(N, H, dtype=dtype)
-        stats = torch.empty(4, -(-V // cfg.vocab_chunk), N)
+        n = cfg.chunk_rows
+        x = torch.empty(n, V)
+        dz = x.view(dtype)[:, :V] if dtype != torch.float32 else x
+        bias, ids, row = torch.empty(V, dtype=dtype), torch.empty(n, dtype=torch.int64), torch.empty(n)
         name = str(dtype).removeprefix("torch.")
-        active, temperature = torch.empty(N, dtype=torch.bool), torch.empty(N)
-        # Masked rows and a per-token temperature (packed batches) in every forward and dz variant.
-        # (fp32 only unmasked: the variants differ by a row mask and a load, and compiling costs CI time.)
-        variants = (("", None, 1.0),) + ((("-temprows", None, temperature),)
-                                          if dtype != torch.float32 else ())
-        for rows_name, act, temp in variants:
+        active, temperature = torch.empty(n, dtype=torch.bool), torch.empty(n)
+        # Masked rows and a per-token temperature (packed batches) beside the plain rows.
+        for rows_name, act, temp in (("", None, 1.0), ("-masked-temprows", active, temperature)):
             for b in (None, bias):
-                yield (f"fwd-{name}-bias{int(b is not None)}{rows_name}",
-                       *triton_linear.forward_launch(hidden, weight, b, ids, temp, None, stats, cfg))
-                for bias_grad in (False, True) if b is not None else (False,):
-                    for entropy in (False, True):
-                        yield (f"dz-{name}-bias{int(b is not None)}-biasgrad{int(bias_grad)}-entropy{int(entropy)}"
-                               f"{rows_name}",
-                               *triton_linear.dz_launch(hidden, weight, b, ids, temp, None, row, row, row, row,
-                                                        row if entropy else None, dz,
-                                                        partial if bias_grad else None, cfg.vocab_chunk, cfg))
-        yield f"grad_weight-{name}", *triton_linear.grad_weight_launch(dz, hidden, weight, cfg.vocab_chunk, cfg)
-        for first in (False, True):
-            for last in (False, True):
-                yield (f"grad_hidden-{name}-first{int(first)}-last{int(last)}",
-                       *triton_linear.grad_hidden_launch(dz, weight, acc, out, cfg.vocab_chunk, first, last, cfg))
+                tag = f"{name}-bias{int(b is not None)}{rows_name}"
+                for partial in (False, True):
+                    yield (f"stats-{tag}-partial{int(partial)}",
+                           *triton_linear.stats_launch(x, b, ids, temp, act, [row] * (4 if partial else 5), cfg,
+                                                       partial=partial))
+                for entropy in (False, True):
+                    for out, place in ((dz, "inplace"), (torch.empty(n, V, dtype=dtype), "scratch")):
+                        yield (f"dz-{tag}-entropy{int(entropy)}-{place}",
+                               *triton_linear.dz_launch(x, out, b, ids, temp, act, row, row, row, row,
+                                                        row if entropy else None, cfg))
+        g = torch.empty((), dtype=torch.float32)
+        yield f"rescale-{name}", *triton_linear.rescale_launch(torch.empty(V, H, dtype=dtype), g, 1.0)
 
 
 def _print_aot_reports(arch: int) -> None:
@@ -461,6 +455,6 @@ def test_kernels_compile_for_sm80_and_sm90(aot_reports):
         where = f"{r['kernel']} sm_{r['arch']}: {r}"
         assert r["stack"] == 0 and r["local"] == 0, "register spills in " + where
         assert r["shared"] + r["shared_dynamic"] <= SMEM_LIMIT[r["arch"]], "shared memory over the limit in " + where
-        assert r["mma"] > 0 or "float32" in r["kernel"], "no tensor-core MMA in " + where
-        # dz is written (and read back) in whole 16-byte vectors, never element by element.
-        assert r["st_global_16bit"] == 0, "scalar 16-bit stores in " + where
+        # The row kernels stream whole 16-byte vectors of the fp32 chunk.
+        if r["kernel"].startswith(("stats", "dz")):
+            assert r["ld_global_v4"] > 0, "no vector loads in " + where

@@ -9,9 +9,15 @@ sweep turns them into the gradients of hidden, weight and bias.
 
   grpo_kernels::linear_sweep            hidden (N, H), weight (V, H), bias -> the five (N,) numbers
   grpo_kernels::linear_sweep_backward   -> grad_hidden, grad_weight, grad_bias (empty where not needed)
+
+That is four GEMM-equivalents (the backward recomputes the logits). On the Triton backend a
+token-local loss (SPEC section 14) takes three instead (`_TokenLocalLinear`, eager mode): each
+chunk's coefficients come from loss_triton's token-local API as soon as its log-probs exist, and
+its gradient is computed where its fp32 logits are (triton.fused_forward; docs/fused_linear.md).
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -164,19 +170,24 @@ def _autocast(hidden: Tensor, weight: Tensor, bias: Tensor | None):
     return cast(hidden), cast(weight), cast(bias)
 
 
-def linear_sweep_rows(hidden: Tensor, weight: Tensor, bias: Tensor | None, tokens: Tokens, backend: str,
-                      tp_group=None, vocab_start: int = 0, sequence_parallel: bool = False) -> tuple[Tensor, Tensor]:
-    """logprobs and entropy (N,) of the tokens from their hidden states."""
-    H = hidden.shape[-1]
-    # (N, H) rows with contiguous features; a copy only for views that cannot be flattened
-    # (O(N * H), never O(N * V)). Autograd routes grad_hidden back through the reshape.
-    rows = hidden.reshape(-1, H)
+def _kernel_layout(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(N, H) rows with contiguous features, and weight and bias as the kernels read them; a copy
+    only for views that cannot be flattened (O(N * H), never O(N * V)). Autograd routes grad_hidden
+    back through the reshape."""
+    rows = hidden.reshape(-1, hidden.shape[-1])
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
     if weight.stride(-1) != 1:
         weight = weight.contiguous()
     if bias is not None and bias.stride(0) != 1:
         bias = bias.contiguous()
+    return rows, weight, bias
+
+
+def linear_sweep_rows(hidden: Tensor, weight: Tensor, bias: Tensor | None, tokens: Tokens, backend: str,
+                      tp_group=None, vocab_start: int = 0, sequence_parallel: bool = False) -> tuple[Tensor, Tensor]:
+    """logprobs and entropy (N,) of the tokens from their hidden states."""
+    rows, weight, bias = _kernel_layout(hidden, weight, bias)
     t_scalar, t_rows = tokens.temperature_args
     ids = tokens.ids
     if tp_group is not None:
@@ -187,6 +198,75 @@ def linear_sweep_rows(hidden: Tensor, weight: Tensor, bias: Tensor | None, token
     logprobs, entropy, *_ = torch.ops.grpo_kernels.linear_sweep(rows, weight, bias, ids, t_scalar, t_rows,
                                                                tokens.active, 0, False, backend)
     return logprobs, entropy
+
+
+def check_grad_scale(grad_scale) -> float:
+    """grad_scale: the upstream gradient the caller will bring to the loss, a finite non-zero number."""
+    if isinstance(grad_scale, bool) or not isinstance(grad_scale, (int, float)):
+        raise TypeError(f"grad_scale must be a float (the upstream gradient of the loss), got "
+                        f"{type(grad_scale).__name__}")
+    if not math.isfinite(grad_scale) or grad_scale == 0:
+        raise ValueError(f"grad_scale must be finite and non-zero, got {grad_scale}")
+    return float(grad_scale)
+
+
+def _token_local_api():
+    """loss_triton's API for token-local losses (token_local, plan, chunk_coefficients, finish), or
+    None where this build of loss_triton lacks it (then every loss takes the four-GEMM path)."""
+    from .. import loss_triton
+
+    names = ("token_local", "plan", "chunk_coefficients", "finish")
+    return loss_triton if all(hasattr(loss_triton, n) for n in names) else None
+
+
+class _TokenLocalLinear(torch.autograd.Function):
+    """hidden rows (N, H), weight, bias -> (loss, the (7,) metric scalars, logprobs) in three
+    GEMM-equivalents (triton.fused_forward): the forward leaves the complete gradients for the
+    upstream gradient grad_scale; the backward hands them over, scaled by g / grad_scale on the
+    device only when g differs from grad_scale (triton.rescale_: no pass over them otherwise)."""
+
+    @staticmethod
+    def forward(ctx, rows, weight, bias, tokens, o, grad_scale, api):
+        from . import triton as triton_linear
+
+        needs = tuple(ctx.needs_input_grad[:3])
+        plan = api.plan(tokens, o, grad_scale=grad_scale)
+        t_scalar, t_rows = tokens.temperature_args
+        logprobs, _, *grads = triton_linear.fused_forward(
+            rows, weight, bias, tokens.ids, t_scalar if t_rows is None else t_rows, tokens.active,
+            lambda r0, lp, ent: api.chunk_coefficients(plan, lp, ent, r0), needs_grad=needs)
+        loss, out = api.finish(plan)
+        # Held on ctx, not saved: the backward gives them away (AccumulateGrad keeps the tensor
+        # itself when nothing else refers to it, instead of copying grad_weight).
+        ctx.grads, ctx.grad_scale = grads, grad_scale
+        ctx.mark_non_differentiable(out, logprobs)
+        ctx.set_materialize_grads(False)
+        if tokens.invalid is not None:
+            loss = torch.where(tokens.invalid, float("nan"), loss)
+        return loss, out, logprobs
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss, _grad_out, _grad_logprobs):
+        from . import triton as triton_linear
+
+        grads, ctx.grads = ctx.grads, None
+        if grads is None:
+            raise RuntimeError("fused_linear_grpo_loss computes its gradients in the forward and hands them over "
+                               "once: backward through it a second time (retain_graph=True) is not supported")
+        if grad_loss is None:
+            return (None,) * 7
+        triton_linear.rescale_(grads, grad_loss, ctx.grad_scale)
+        return (*grads, None, None, None, None)
+
+
+def _token_local_loss(hidden, weight, bias, tokens, o, grad_scale, api) -> tuple[Tensor, Metrics]:
+    rows, weight, bias = _kernel_layout(hidden, weight, bias)
+    loss, out, logprobs = _TokenLocalLinear.apply(rows, weight, bias, tokens, o, grad_scale, api)
+    metrics: Metrics = {"kl": out[0] if o.beta != 0.0 else None, "entropy": out[1], "clip_ratio_low": out[2],
+                        "clip_ratio_high": out[3], "clip_ratio_region": out[4],
+                        "logprobs": tokens.layout.unflat(logprobs)}
+    return loss, metrics
 
 
 def _prepare(hidden, weight, bias, completion_ids, advantages, mask, old, ref, rollout, sampling, cu_seqlens, o,
@@ -254,6 +334,7 @@ def fused_linear_grpo_loss(
     tp_group=None,
     vocab_start: int | None = None,
     sequence_parallel: bool = False,
+    grad_scale: float = 1.0,
     **options,
 ) -> tuple[Tensor, Metrics]:
     """The GRPO-family loss of fused_grpo_loss with logits = hidden @ lm_head_weight.T + lm_head_bias,
@@ -266,11 +347,22 @@ def fused_linear_grpo_loss(
     lm_head_weight and lm_head_bias. Under torch.autocast the three compute in the autocast
     dtype, as F.linear would. `inplace_backward` has no effect (there are no logits to
     overwrite), and backend is auto (Triton on CUDA, chunked PyTorch on the CPU), triton or torch.
+
+    On the Triton backend a token-local loss (SPEC section 14) runs in three GEMM-equivalents: the
+    forward computes the gradients too, for an upstream gradient of `grad_scale` (default 1.0, what
+    loss.backward() brings; a trainer that scales the loss, e.g. by 1 / gradient_accumulation_steps
+    after this call, passes that factor). The backward then only hands them over; for any other
+    upstream gradient it scales them once by g / grad_scale, decided on the device (no host sync).
     """
     o = GRPOOptions(**options)
+    grad_scale = check_grad_scale(grad_scale)
     hidden, weight, bias, tokens, name, start = _prepare(
         hidden, lm_head_weight, lm_head_bias, completion_ids, advantages, completion_mask, old_logprobs,
         ref_logprobs, rollout_is_ratio, sampling_logprobs, cu_seqlens, o, tp_group, vocab_start, True,
         sequence_parallel)
+    api = _token_local_api() if name == "triton" and tp_group is None and not torch.compiler.is_compiling() \
+        else None
+    if api is not None and api.token_local(o, tokens, name, tp_group):
+        return _token_local_loss(hidden, weight, bias, tokens, o, grad_scale, api)
     logprobs, entropy = linear_sweep_rows(hidden, weight, bias, tokens, name, tp_group, start, sequence_parallel)
     return objective(logprobs, entropy, tokens, o)

@@ -111,17 +111,18 @@ sweep_shapes = dict(
 
 
 @settings(max_examples=25)
-@given(dtype=st.sampled_from([torch.float32, torch.float16]), **sweep_shapes)
-def test_triton_sweep_matches_float64(dtype, N, V, H, bias, entropy_grad, temperature, seed):
+@given(dtype=st.sampled_from([torch.float32, torch.float16]), config=st.sampled_from([TINY, TINY_SCRATCH]),
+       **sweep_shapes)
+def test_triton_sweep_matches_float64(dtype, config, N, V, H, bias, entropy_grad, temperature, seed):
     # z accumulates in fp32 from exact products, so the forward is fp32-accurate for fp16
     # inputs too; fp16 gradients carry the rounding of dz and of the outputs.
     check_sweep(triton_linear, dtype, N, V, H, bias, entropy_grad, temperature, seed,
-                fwd_tol=1e-5, grad_tol=1e-5 if dtype == torch.float32 else 5e-3, config=TINY)
+                fwd_tol=1e-5, grad_tol=1e-5 if dtype == torch.float32 else 5e-3, config=config)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_triton_sweep_default_config(dtype):
-    """The shipped tiles (128 x 64 for 16-bit) on a problem smaller than one tile."""
+    """The shipped configuration (one chunk, one vocabulary block of 512) on a small problem."""
     check_sweep(triton_linear, dtype, 45, 300, 40, True, True, 0.8, 0, fwd_tol=1e-5,
                 grad_tol=1e-5 if dtype == torch.float32 else 5e-3)
 
@@ -268,6 +269,150 @@ def test_loss_torch_matches_reference(options):
 @pytest.mark.parametrize("options", [LOSS_CASES[1], LOSS_CASES[9]], ids=["dapo-k3", "entropy"])
 def test_loss_triton_fp16(options):
     check_loss(options, "triton", torch.float16, 1e-2)
+
+
+# ---------------------------------------------------------------------------------------------
+# The three-GEMM path (token-local losses): the engine, the autograd function, grad_scale
+# ---------------------------------------------------------------------------------------------
+
+class ScaffoldTokenLocal:
+    """A stand-in for loss_triton's token-local API, for tests only: each chunk's coefficients by
+    autograd through loss.py, on the log-probs seen so far (the other rows do not change a
+    token-local coefficient); finish runs loss.py on all of them."""
+
+    def __init__(self, cases=("grpo", "dapo", "bnpo", "dr_grpo", "luspo")):
+        self.cases, self.chunks = cases, []
+
+    def token_local(self, o, tokens, backend, tp_group):
+        return o.loss_type in self.cases and o.importance_sampling_level == "token" and o.top_entropy_quantile == 1.0
+
+    def plan(self, tokens, o, grad_scale=1.0):
+        N = tokens.layout.num_rows
+        return dict(tokens=tokens, o=o, grad_scale=grad_scale, lp=torch.zeros(N), ent=torch.zeros(N))
+
+    def _objective(self, plan):
+        from grpo_kernels.loss import objective
+
+        with torch.enable_grad():  # called inside an autograd function's forward
+            lp, ent = (plan[k].clone().requires_grad_() for k in ("lp", "ent"))
+            loss, metrics = objective(lp, ent, plan["tokens"], plan["o"])
+        return lp, ent, loss, metrics
+
+    def chunk_coefficients(self, plan, logprobs_c, entropy_c, row_start):
+        r1 = row_start + logprobs_c.shape[0]
+        self.chunks.append((row_start, r1))
+        plan["lp"][row_start:r1], plan["ent"][row_start:r1] = logprobs_c, entropy_c
+        lp, ent, loss, _ = self._objective(plan)
+        c, e = torch.autograd.grad(loss, (lp, ent), allow_unused=True, materialize_grads=True)
+        return c[row_start:r1] * plan["grad_scale"], e[row_start:r1] * plan["grad_scale"]
+
+    def finish(self, plan):
+        _, _, loss, m = self._objective(plan)
+        zero = torch.zeros(())
+        out = torch.stack([zero if m[k] is None else m[k].detach() for k in
+                           ("kl", "entropy", "clip_ratio_low", "clip_ratio_high", "clip_ratio_region")] + [zero, zero])
+        return loss.detach(), out
+
+
+@pytest.fixture
+def scaffold(monkeypatch):
+    import grpo_kernels.linear as linear
+
+    api = ScaffoldTokenLocal()
+    monkeypatch.setattr(linear, "_token_local_api", lambda: api)
+    monkeypatch.setattr(triton_linear, "default_config", lambda *_: TINY)
+    return api
+
+
+@pytest.mark.parametrize("config", [TINY, TINY_SCRATCH], ids=["inplace", "scratch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_fused_forward_equals_the_four_gemm_path(config, dtype):
+    """The same coefficients give bitwise the same gradients in three GEMMs as in four, with masked
+    rows, a per-token temperature and a bias; inactive rows get exactly zero."""
+    N, V, H = 23, 70, 24
+    hidden, weight, b, ids, g = make_inputs(N, V, H, dtype, True, 11)
+    active = torch.rand(N, generator=g) > 0.3
+    temperature = 0.5 + torch.rand(N, generator=g)
+    c, e = torch.randn(N, generator=g), torch.randn(N, generator=g)
+    calls = []
+
+    def coefficients(r0, lp, ent):
+        calls.append((r0, lp.shape[0]))
+        return c[r0:r0 + lp.shape[0]], e[r0:r0 + lp.shape[0]]
+
+    got = triton_linear.fused_forward(hidden, weight, b, ids, temperature, active, coefficients, config=config)
+    stats = triton_linear.forward(hidden, weight, b, ids, temperature, active, config=config)
+    want = triton_linear.backward(hidden, weight, b, ids, temperature, active, *stats[2:], c, e, config=config)
+    assert calls == [(r, min(7, N - r)) for r in range(0, N, 7)]
+    for x, y in zip(got[:2], stats[:2]):
+        assert torch.equal(x, y)
+    for x, y in zip(got[2:], want):
+        assert torch.equal(x, y)
+    assert not got[2][~active].any() and got[2][active].abs().sum() > 0
+    # and against float64 through explicit logits (only active rows carry a coefficient)
+    on = active.float()
+    _, want64, _ = oracle_sweep(hidden, weight, b, ids, temperature.double()[:, None], c * on, e * on)
+    tol = 1e-5 if dtype == torch.float32 else 5e-3
+    for x, y in zip(got[2:], want64):
+        assert rel_err(x, y) < tol
+
+
+@pytest.mark.parametrize("options", [LOSS_CASES[1], LOSS_CASES[3], dict(loss_type="grpo", beta=0.05,
+                                                                         entropy_coef=0.1, temperature=0.7)],
+                         ids=["dapo-k3", "dr_grpo-k2", "grpo-entropy"])
+def test_token_local_path_matches_reference(options, scaffold):
+    """fused_linear_grpo_loss through the three-GEMM path (a scaffold coefficient API) against float64."""
+    check_loss(options, "triton", torch.float32, 1e-5)
+    assert scaffold.chunks, "the three-GEMM path did not run"
+
+
+def _token_local_grads(scale, grad_scale, seed=8, **kw):
+    hidden, weight, bias, ids, advantages, mask, old, ref = loss_inputs(3, 5, 24, 70, torch.float32, seed)
+    leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+    loss, _ = fused_linear_grpo_loss(leaves[0], leaves[1], ids, advantages, mask, old, ref, lm_head_bias=leaves[2],
+                                     backend="triton", beta=0.1, grad_scale=grad_scale, **kw)
+    (loss * scale).backward()
+    return loss, [leaf.grad for leaf in leaves]
+
+
+def test_grad_scale(scaffold):
+    """grad_scale = the upstream gradient: the gradients handed over as computed (bitwise those of a
+    scaled loss); any other upstream gradient scales them by g / grad_scale."""
+    loss1, want = _token_local_grads(1.0, 1.0)
+    for scale, grad_scale in ((0.25, 0.25), (0.25, 1.0), (3.0, 0.5), (-1.0, 1.0)):
+        loss, got = _token_local_grads(scale, grad_scale)
+        assert torch.equal(loss, loss1)
+        for x, y in zip(got, want):
+            torch.testing.assert_close(x, scale * y, rtol=1e-6, atol=0)
+    _, got = _token_local_grads(float("nan"), 1.0)
+    assert all(torch.isnan(x).all() for x in got)
+
+
+def test_grad_scale_matched_is_no_pass():
+    """rescale_ leaves the tensor bitwise alone (poisoned with NaN: not even x * 1) when g == grad_scale."""
+    x = torch.randn(5000)
+    x[::7] = float("nan")
+    before = x.clone()
+    triton_linear.rescale_([x], torch.tensor(0.3), 0.3)
+    assert torch.equal(x.isnan(), before.isnan()) and torch.equal(x.nan_to_num(), before.nan_to_num())
+    triton_linear.rescale_([x], torch.tensor(0.6), 0.3)
+    torch.testing.assert_close(x.nan_to_num(), 2 * before.nan_to_num())
+
+
+def test_token_local_backward_twice_raises(scaffold):
+    hidden, weight, bias, ids, advantages, mask, old, ref = loss_inputs(2, 4, 16, 40, torch.float32, 3)
+    h = hidden.clone().requires_grad_()
+    loss, _ = fused_linear_grpo_loss(h, weight, ids, advantages, mask, old, ref, backend="triton", beta=0.1)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="a second time"):
+        loss.backward()
+
+
+@pytest.mark.parametrize("grad_scale,error", [(0.0, ValueError), (float("inf"), ValueError), (True, TypeError),
+                                              ("1", TypeError)])
+def test_bad_grad_scale(grad_scale, error):
+    with pytest.raises(error, match="grad_scale"):
+        _call(grad_scale=grad_scale)
 
 
 def test_hidden_layouts_and_frozen_weight():
@@ -429,7 +574,8 @@ def _print_aot_reports(arch: int) -> None:
         ptx = compiled.asm["ptx"]
         print(json.dumps({**report(name, compiled, arch), "shared_dynamic": compiled.metadata.shared,
                           "mma": len(re.findall(r"\b(?:wgmma\.mma_async|mma\.sync)", ptx)),
-                          "st_global_16bit": len(re.findall(r"st\.global\.b16", ptx))}), flush=True)
+                          "st_global_16bit": len(re.findall(r"st\.global\.b16", ptx)),
+                          "barriers": len(re.findall(r"\bbar\.sync|\bbarrier\.sync", ptx))}), flush=True)
 
 
 @pytest.fixture(scope="module")
@@ -458,3 +604,6 @@ def test_kernels_compile_for_sm80_and_sm90(aot_reports):
         # The row kernels stream whole 16-byte vectors of the fp32 chunk.
         if r["kernel"].startswith(("stats", "dz")):
             assert r["ld_global_v4"] > 0, "no vector loads in " + where
+        # In place, every block's reads are ordered before its writes by a barrier (triton.py).
+        if r["kernel"].startswith("dz") and r["kernel"].endswith("inplace"):
+            assert r["barriers"] > 0, "no barrier in " + where

@@ -17,7 +17,6 @@ its gradient is computed where its fp32 logits are (triton.fused_forward; docs/f
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -27,6 +26,7 @@ from ..layout import Tokens, build_tokens, check_ids, check_rows, logprobs_resul
 from ..loss import Metrics, objective
 from ..options import GRPOOptions, check_bool, check_temperature
 from ..sweep import resolve_backend, stats_dtype
+from ..sweep import two_pass  # noqa: F401 - registers grpo_kernels::rescale_gradient_, which the backward uses
 
 Tensor = torch.Tensor
 HIDDEN_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -200,42 +200,33 @@ def linear_sweep_rows(hidden: Tensor, weight: Tensor, bias: Tensor | None, token
     return logprobs, entropy
 
 
-def check_grad_scale(grad_scale) -> float:
-    """grad_scale: the upstream gradient the caller will bring to the loss, a finite non-zero number."""
-    if isinstance(grad_scale, bool) or not isinstance(grad_scale, (int, float)):
-        raise TypeError(f"grad_scale must be a float (the upstream gradient of the loss), got "
-                        f"{type(grad_scale).__name__}")
-    if not math.isfinite(grad_scale) or grad_scale == 0:
-        raise ValueError(f"grad_scale must be finite and non-zero, got {grad_scale}")
-    return float(grad_scale)
-
-
 def _token_local_api():
-    """loss_triton's API for token-local losses (token_local, plan, chunk_coefficients, finish), or
-    None where this build of loss_triton lacks it (then every loss takes the four-GEMM path)."""
+    """loss_triton's API for token-local losses (token_local, Plan), or None where it is missing (then
+    every loss takes the four-GEMM path). Tests replace it with a stand-in."""
     from .. import loss_triton
 
-    names = ("token_local", "plan", "chunk_coefficients", "finish")
-    return loss_triton if all(hasattr(loss_triton, n) for n in names) else None
+    return loss_triton if hasattr(loss_triton, "token_local") and hasattr(loss_triton, "Plan") else None
 
 
 class _TokenLocalLinear(torch.autograd.Function):
     """hidden rows (N, H), weight, bias -> (loss, the (7,) metric scalars, logprobs) in three
     GEMM-equivalents (triton.fused_forward): the forward leaves the complete gradients for the
     upstream gradient grad_scale; the backward hands them over, scaled by g / grad_scale on the
-    device only when g differs from grad_scale (triton.rescale_: no pass over them otherwise)."""
+    device only when g differs from grad_scale (the rescale_gradient_ operator: its programs return
+    at once when g == grad_scale, so no pass over them then)."""
 
     @staticmethod
-    def forward(ctx, rows, weight, bias, tokens, o, grad_scale, api):
+    def forward(ctx, rows, weight, bias, tokens, o, api):
         from . import triton as triton_linear
 
         needs = tuple(ctx.needs_input_grad[:3])
-        plan = api.plan(tokens, o, grad_scale=grad_scale)
+        plan = api.Plan(tokens, o, o.grad_scale)
         t_scalar, t_rows = tokens.temperature_args
         logprobs, _, *grads = triton_linear.fused_forward(
             rows, weight, bias, tokens.ids, t_scalar if t_rows is None else t_rows, tokens.active,
-            lambda r0, lp, ent: api.chunk_coefficients(plan, lp, ent, r0), needs_grad=needs)
-        loss, out = api.finish(plan)
+            lambda r0, lp, ent: plan.chunk_coefficients(lp, ent, r0), needs_grad=needs)
+        loss, out = plan.finish()
+        grad_scale = o.grad_scale
         # Held on ctx, not saved: the backward gives them away (AccumulateGrad keeps the tensor
         # itself when nothing else refers to it, instead of copying grad_weight).
         ctx.grads, ctx.grad_scale = grads, grad_scale
@@ -248,21 +239,22 @@ class _TokenLocalLinear(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss, _grad_out, _grad_logprobs):
-        from . import triton as triton_linear
-
         grads, ctx.grads = ctx.grads, None
         if grads is None:
             raise RuntimeError("fused_linear_grpo_loss computes its gradients in the forward and hands them over "
                                "once: backward through it a second time (retain_graph=True) is not supported")
         if grad_loss is None:
-            return (None,) * 7
-        triton_linear.rescale_(grads, grad_loss, ctx.grad_scale)
-        return (*grads, None, None, None, None)
+            return (None,) * 6
+        for grad in grads:
+            if grad is not None and grad.numel() > 0:  # (rows, H): nothing read when g == grad_scale
+                torch.ops.grpo_kernels.rescale_gradient_(grad.view(1, grad.shape[0], -1), grad_loss,
+                                                         ctx.grad_scale)
+        return (*grads, None, None, None)
 
 
-def _token_local_loss(hidden, weight, bias, tokens, o, grad_scale, api) -> tuple[Tensor, Metrics]:
+def _token_local_loss(hidden, weight, bias, tokens, o, api) -> tuple[Tensor, Metrics]:
     rows, weight, bias = _kernel_layout(hidden, weight, bias)
-    loss, out, logprobs = _TokenLocalLinear.apply(rows, weight, bias, tokens, o, grad_scale, api)
+    loss, out, logprobs = _TokenLocalLinear.apply(rows, weight, bias, tokens, o, api)
     metrics: Metrics = {"kl": out[0] if o.beta != 0.0 else None, "entropy": out[1], "clip_ratio_low": out[2],
                         "clip_ratio_high": out[3], "clip_ratio_region": out[4],
                         "logprobs": tokens.layout.unflat(logprobs)}
@@ -334,7 +326,6 @@ def fused_linear_grpo_loss(
     tp_group=None,
     vocab_start: int | None = None,
     sequence_parallel: bool = False,
-    grad_scale: float = 1.0,
     **options,
 ) -> tuple[Tensor, Metrics]:
     """The GRPO-family loss of fused_grpo_loss with logits = hidden @ lm_head_weight.T + lm_head_bias,
@@ -348,21 +339,21 @@ def fused_linear_grpo_loss(
     dtype, as F.linear would. `inplace_backward` has no effect (there are no logits to
     overwrite), and backend is auto (Triton on CUDA, chunked PyTorch on the CPU), triton or torch.
 
-    On the Triton backend a token-local loss (SPEC section 14) runs in three GEMM-equivalents: the
-    forward computes the gradients too, for an upstream gradient of `grad_scale` (default 1.0, what
-    loss.backward() brings; a trainer that scales the loss, e.g. by 1 / gradient_accumulation_steps
-    after this call, passes that factor). The backward then only hands them over; for any other
-    upstream gradient it scales them once by g / grad_scale, decided on the device (no host sync).
+    On the Triton backend a token-local loss (SPEC section 14) runs in three GEMM-equivalents (in
+    eager mode): the forward computes the gradients too, for an upstream gradient of the option
+    `grad_scale` (default 1.0, what loss.backward() brings; a trainer that scales the loss after this
+    call, e.g. by 1 / gradient_accumulation_steps, passes that factor). The backward then only hands
+    them over; for any other upstream gradient it scales them once by g / grad_scale, decided on the
+    device (no host sync). Backward runs once (retain_graph=True and a second backward raise).
     """
     o = GRPOOptions(**options)
-    grad_scale = check_grad_scale(grad_scale)
     hidden, weight, bias, tokens, name, start = _prepare(
         hidden, lm_head_weight, lm_head_bias, completion_ids, advantages, completion_mask, old_logprobs,
         ref_logprobs, rollout_is_ratio, sampling_logprobs, cu_seqlens, o, tp_group, vocab_start, True,
         sequence_parallel)
     api = _token_local_api() if name == "triton" and tp_group is None and not torch.compiler.is_compiling() \
         else None
-    if api is not None and api.token_local(o, tokens, name, tp_group):
-        return _token_local_loss(hidden, weight, bias, tokens, o, grad_scale, api)
+    if api is not None and api.token_local(o, tokens, tp_group):
+        return _token_local_loss(hidden, weight, bias, tokens, o, api)
     logprobs, entropy = linear_sweep_rows(hidden, weight, bias, tokens, name, tp_group, start, sequence_parallel)
     return objective(logprobs, entropy, tokens, o)

@@ -69,7 +69,7 @@ MAX_CHUNK_ROWS = 4096
 # Values that change per chunk or per batch: never specialised, so one compiled kernel serves all.
 _RUNTIME_INTS = ["vocab_start"]
 _PER_ROW_POINTERS = ["ids_ptr", "active_ptr", "temperature_ptr", "out0_ptr", "out1_ptr", "out2_ptr", "out3_ptr",
-                     "out4_ptr", "m_ptr", "log_sum_ptr", "mean_rel_ptr", "c_ptr", "e_ptr", "g_ptr"]
+                     "out4_ptr", "m_ptr", "log_sum_ptr", "mean_rel_ptr", "c_ptr", "e_ptr"]
 
 
 @triton.jit
@@ -179,23 +179,6 @@ def _chunk_dz_kernel(
         tl.store(dz_row + start + cols, g.to(dz_ptr.dtype.element_ty), mask=in_row)
 
 
-@triton.jit
-def _rescale_kernel(x_ptr, numel, g_ptr, grad_scale, BLOCK: tl.constexpr):
-    """x *= g / grad_scale (g = g_ptr[0], read on the device), in place, in x's dtype; when
-    g == grad_scale no program reads or writes anything."""
-    g = tl.load(g_ptr).to(tl.float32)
-    factor = g / grad_scale
-    # Zero iterations when the upstream gradient is the one the forward assumed.
-    end = tl.where(g == grad_scale, 0, numel)
-    offsets = tl.arange(0, BLOCK).to(tl.int64)
-    step = tl.num_programs(0).to(tl.int64) * BLOCK
-    for start in range(tl.program_id(0).to(tl.int64) * BLOCK, end, step):
-        idx = start + offsets
-        ok = idx < numel
-        x = tl.load(x_ptr + idx, mask=ok)
-        tl.store(x_ptr + idx, (x.to(tl.float32) * factor).to(x_ptr.dtype.element_ty), mask=ok)
-
-
 # ----------------------------------------------------------------------------------------------
 # Configuration
 # ----------------------------------------------------------------------------------------------
@@ -260,33 +243,6 @@ def dz_launch(x, dz, bias, ids, temperature, active, m, log_sum, mean_rel, c, e,
     meta = dict(HAS_BIAS=bias is not None, HAS_E=e is not None, IN_PLACE=in_place, BLOCK_V=config.block_v,
                 num_warps=config.num_warps, **flags)
     return _chunk_dz_kernel, (n,), args, meta
-
-
-def _num_programs(numel: int, device: torch.device) -> int:
-    if device.type == "cuda":
-        return max(1, min(triton.cdiv(numel, 4096), 4 * torch.cuda.get_device_properties(device).multi_processor_count))
-    return max(1, min(triton.cdiv(numel, 4096), 4))
-
-
-def rescale_launch(x, g, grad_scale: float):
-    """x *= g / grad_scale in place, nothing when g == grad_scale (g a 0-dim tensor on x's device)."""
-    x = x.view(-1)
-    grid = (_num_programs(x.numel(), x.device),)
-    return _rescale_kernel, grid, (x, x.numel(), g, float(grad_scale)), dict(BLOCK=4096, num_warps=4)
-
-
-def rescale_(grads, g: torch.Tensor, grad_scale: float) -> None:
-    """Scale each gradient in place by g / grad_scale, decided on the device: one launch per
-    gradient whose programs return at once when g equals grad_scale (no host sync, no pass)."""
-    g = g.detach().reshape(())
-    for grad in grads:
-        if grad is None or grad.numel() == 0:
-            continue
-        if not grad.is_contiguous():
-            raise ValueError("rescale_ needs contiguous gradients")
-        gd = g.to(device=grad.device, dtype=torch.float32)
-        kernel, grid, args, meta = rescale_launch(grad, gd, grad_scale)
-        kernel[grid](*args, **meta)
 
 
 # ----------------------------------------------------------------------------------------------

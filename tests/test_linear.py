@@ -373,6 +373,21 @@ def test_token_local_path_matches_reference(options, scaffold):
     assert scaffold.chunks, "the three-GEMM path did not run"
 
 
+def test_token_local_losses_take_three_gemms(monkeypatch):
+    """With loss_triton's own API: a token-local loss runs fused_forward once (no backward sweep), a
+    sequence-level one the four-GEMM operators."""
+    monkeypatch.setattr(triton_linear, "default_config", lambda *_: TINY)
+    calls = []
+    for name in ("fused_forward", "forward", "backward"):
+        real = getattr(triton_linear, name)
+        monkeypatch.setattr(triton_linear, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or
+                            _real(*a, **k))
+    for options, want in ((LOSS_CASES[1], ["fused_forward"]), (LOSS_CASES[8], ["forward", "backward"])):
+        calls.clear()
+        check_loss(options, "triton", torch.float32, 1e-5)
+        assert calls == want, options
+
+
 def _token_local_grads(scale, grad_scale, seed=8, **kw):
     hidden, weight, bias, ids, advantages, mask, old, ref = loss_inputs(3, 5, 24, 70, torch.float32, seed)
     leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
@@ -566,8 +581,6 @@ def shipped_launches(N=8192, V=151936, H=4096):
                         yield (f"dz-{tag}-entropy{int(entropy)}-{place}",
                                *triton_linear.dz_launch(x, out, b, ids, temp, act, row, row, row, row,
                                                         row if entropy else None, cfg))
-        g = torch.empty((), dtype=torch.float32)
-        yield f"rescale-{name}", *triton_linear.rescale_launch(torch.empty(V, H, dtype=dtype), g, 1.0)
 
 
 def _print_aot_reports(arch: int) -> None:

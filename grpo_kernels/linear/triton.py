@@ -249,6 +249,10 @@ def dz_launch(x, dz, bias, ids, temperature, active, m, log_sum, mean_rel, c, e,
 # The products: cuBLAS on CUDA; on the CPU (Triton's interpreter, tests) the same fp32 arithmetic
 # ----------------------------------------------------------------------------------------------
 
+# Whether torch.mm(..., out_dtype=torch.float32, out=...) exists here (torch's aten::mm.dtype_out).
+_MM_DTYPE_OUT = True
+
+
 def _on_cuda(t: torch.Tensor) -> bool:
     return t.device.type == "cuda"
 
@@ -256,10 +260,17 @@ def _on_cuda(t: torch.Tensor) -> bool:
 def _logits_gemm(h: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, w32: torch.Tensor | None) -> None:
     """out (n, V) fp32 = h @ weight.T with fp32 accumulation and output (cuBLAS: 16-bit inputs, fp32
     output; never rounded to 16 bits). w32: the fp32 weight for the CPU path."""
+    global _MM_DTYPE_OUT
     if h.dtype == torch.float32:
         torch.mm(h, weight.T, out=out)
     elif _on_cuda(h):
-        torch.mm(h, weight.T, out_dtype=torch.float32, out=out)
+        if _MM_DTYPE_OUT:
+            try:
+                torch.mm(h, weight.T, out_dtype=torch.float32, out=out)
+                return
+            except (RuntimeError, TypeError):  # a torch without the out= form: a temporary instead
+                _MM_DTYPE_OUT = False
+        out.copy_(torch.mm(h, weight.T, out_dtype=torch.float32))
     else:  # products of 16-bit values are exact in fp32: the same arithmetic as cuBLAS's
         torch.mm(h.float(), w32.T, out=out)
 

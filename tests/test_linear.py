@@ -455,15 +455,52 @@ def test_hidden_layouts_and_frozen_weight():
     assert weight.grad is None and bias.grad is None
 
 
-def test_autocast_computes_in_the_autocast_dtype():
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
+def test_token_local_packed_rows_with_per_token_temperature(loss_type, monkeypatch):
+    """Packed sequences (an empty one among them), a per-token temperature and masked rows poisoned
+    with large hidden states, through the three-GEMM path, against float64."""
+    monkeypatch.setattr(triton_linear, "default_config", lambda *_: TINY)
+    calls = []
+    real = triton_linear.fused_forward
+    monkeypatch.setattr(triton_linear, "fused_forward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    g = torch.Generator().manual_seed(12)
+    lengths, H, V = [9, 1, 0, 12], 20, 90
+    N, S = sum(lengths), len(lengths)
+    cu = torch.tensor([0, 9, 10, 10, 22])
+    hidden, weight, bias, ids, _ = make_inputs(N, V, H, torch.float32, True, 12)
+    mask = torch.rand(N, generator=g) > 0.25
+    hidden[~mask] *= 1e3  # read but never weighed: their gradient rows must be exactly 0
+    temperature = 0.5 + torch.rand(N, generator=g)
+    adv, ref = torch.randn(S, generator=g), -3 * torch.rand(N, generator=g)
+    old = ref + 0.3 * torch.randn(N, generator=g)
+    leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+    kw = dict(loss_type=loss_type, beta=0.05, temperature=temperature, cu_seqlens=cu)
+    loss, metrics = fused_linear_grpo_loss(leaves[0], leaves[1], ids, adv, mask, old, ref, lm_head_bias=leaves[2],
+                                           backend="triton", **kw)
+    loss.backward()
+    assert calls, "the three-GEMM path did not run"
+    oracle = [t.detach().double().requires_grad_() for t in (hidden, weight, bias)]
+    want, want_metrics = grpo_loss(oracle[0] @ oracle[1].T + oracle[2], ids, adv, mask, old, ref, **kw)
+    want.backward()
+    assert rel_err(loss.detach(), want.detach()) < 1e-5
+    for name in ("kl", "entropy", "clip_ratio_region"):
+        assert rel_err(metrics[name], want_metrics[name]) < 1e-5, name
+    for leaf, o in zip(leaves, oracle):
+        assert rel_err(leaf.grad, o.grad) < 1e-5
+    assert not leaves[0].grad[~mask].any()
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_autocast_computes_in_the_autocast_dtype(backend, monkeypatch):
     """bf16 autocast over fp32 master weights, as F.linear: same loss as on the bf16-cast inputs,
     gradients in fp32. The strided bias is a view the kernels cannot read as is."""
+    monkeypatch.setattr(triton_linear, "default_config", lambda *_: TINY)
     hidden, weight, bias, ids, advantages, mask, old, ref = loss_inputs(2, 5, 16, 40, torch.float32, 7)
     leaves = [hidden.clone().requires_grad_(), weight.clone().requires_grad_(),
               bias.repeat_interleave(2).clone().requires_grad_()]
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss, _ = fused_linear_grpo_loss(leaves[0], leaves[1], ids, advantages, mask, old, ref, beta=0.1,
-                                         lm_head_bias=leaves[2][::2], backend="torch")
+                                         lm_head_bias=leaves[2][::2], backend=backend)
     loss.backward()
     cast = [t.to(torch.bfloat16).double().requires_grad_() for t in (hidden, weight, bias)]
     want, _ = grpo_loss(cast[0] @ cast[1].T + cast[2], ids, advantages, mask, old, ref, beta=0.1)

@@ -51,7 +51,7 @@ from grpo_kernels.linear import triton as tlin  # noqa: E402
 from grpo_kernels.loss import objective  # noqa: E402
 from grpo_kernels.options import GRPOOptions  # noqa: E402
 
-OPTIONS = dict(loss_type="dapo", beta=0.04)
+OPTIONS = dict(loss_type="dapo", beta=0.04, backend="triton")
 RESULTS: dict = {"rows": [], "validation": [], "errors": []}
 
 

@@ -29,6 +29,9 @@ from ..sweep import resolve_backend, stats_dtype
 from ..sweep import two_pass  # noqa: F401 - registers grpo_kernels::rescale_gradient_, which the backward uses
 
 Tensor = torch.Tensor
+# Token-local losses on the Triton backend in three GEMM-equivalents (`_TokenLocalLinear`); False
+# sends every loss through the operators' four (docs/fused_linear.md).
+THREE_GEMM = True
 HIDDEN_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
@@ -255,10 +258,9 @@ class _TokenLocalLinear(torch.autograd.Function):
 def _token_local_loss(hidden, weight, bias, tokens, o, api) -> tuple[Tensor, Metrics]:
     rows, weight, bias = _kernel_layout(hidden, weight, bias)
     loss, out, logprobs = _TokenLocalLinear.apply(rows, weight, bias, tokens, o, api)
-    metrics: Metrics = {"kl": out[0] if o.beta != 0.0 else None, "entropy": out[1], "clip_ratio_low": out[2],
-                        "clip_ratio_high": out[3], "clip_ratio_region": out[4],
-                        "logprobs": tokens.layout.unflat(logprobs)}
-    return loss, metrics
+    from ..ops import _metrics  # the metrics of loss_triton's (7,) scalars, as fused_grpo_loss returns them
+
+    return loss, _metrics(out, logprobs, tokens, o)
 
 
 def _prepare(hidden, weight, bias, completion_ids, advantages, mask, old, ref, rollout, sampling, cu_seqlens, o,
@@ -351,8 +353,8 @@ def fused_linear_grpo_loss(
         hidden, lm_head_weight, lm_head_bias, completion_ids, advantages, completion_mask, old_logprobs,
         ref_logprobs, rollout_is_ratio, sampling_logprobs, cu_seqlens, o, tp_group, vocab_start, True,
         sequence_parallel)
-    api = _token_local_api() if name == "triton" and tp_group is None and not torch.compiler.is_compiling() \
-        else None
+    api = _token_local_api() if THREE_GEMM and name == "triton" and tp_group is None \
+        and not torch.compiler.is_compiling() else None
     if api is not None and api.token_local(o, tokens, tp_group):
         return _token_local_loss(hidden, weight, bias, tokens, o, api)
     logprobs, entropy = linear_sweep_rows(hidden, weight, bias, tokens, name, tp_group, start, sequence_parallel)

@@ -31,8 +31,10 @@ on the H200, against ~44 ms of GEMMs.
 dz in place (LinearConfig.inplace_dz): row r of dz, 16-bit, takes the first half of the bytes of
 row r of x. The dz kernel's program for row r walks its columns in increasing blocks; block
 [b, b + B) writes the bytes of x's columns [b/2, (b + B)/2), all of which lie at or before the block
-just read. A barrier after each block's load makes every warp's reads of it happen before any
-warp's writes, so no value is overwritten before it is read. The (n, V) dz view then has row
+just read. A barrier after each block's load (bar.sync, which orders the plain loads before it;
+the AOT test checks there are no asynchronous copies, which it would not order) makes every warp's
+reads of block 0 happen before any warp's writes into it; a later block writes only into blocks
+whose reads every warp finished before its own earlier stores, and so before this barrier. The (n, V) dz view then has row
 stride 2V, which cuBLAS takes as its leading dimension. This halves the chunk memory for the
 same chunk size, and the chunk size sets the accuracy of grad_weight (next).
 

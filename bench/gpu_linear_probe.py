@@ -278,7 +278,8 @@ def measure(name, fn, p, ref, iters=5, warmup=1, **extra):
             row["err_grad_hidden"] = float(f"{rel_err(grads[0], ref['grad_hidden']):.3e}")
             row["err_grad_weight"] = float(f"{rel_err(grads[1], ref['grad_weight']):.3e}")
             if "_loss" in p:
-                row["err_loss"] = float(f"{abs(float(p.pop('_loss')) - float(ref['loss'])) / max(abs(float(ref['loss'])), 1e-30):.3e}")
+                want = float(ref["loss"])
+                row["err_loss"] = float(f"{abs(float(p.pop('_loss')) - want) / max(abs(want), 1e-30):.3e}")
         del grads
     except Exception as exc:  # noqa: BLE001 - a failed variant is a result, not the end of the probe
         row["error"] = f"{type(exc).__name__}: {exc}"[:400]
@@ -395,7 +396,8 @@ def main():
         commit = "unknown"
     import triton
 
-    RESULTS["env"] = dict(device="cpu (smoke)" if SMOKE else torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+    RESULTS["env"] = dict(device="cpu (smoke)" if SMOKE else torch.cuda.get_device_name(), torch=torch.__version__,
+                          triton=triton.__version__,
                           commit=commit or "unknown", date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                           token_local_api=linear_api._token_local_api() is not None)
     log(RESULTS["env"])
@@ -441,8 +443,8 @@ def table():
     lines.append(f"device {env.get('device')} torch {env.get('torch')} triton {env.get('triton')} "
                  f"commit {env.get('commit')} {env.get('date')}; token-local API: {env.get('token_local_api')}")
     for v in RESULTS["validation"]:
-        lines.append(f"validate {v['name']:>16} {v['dtype']:>15} ok={v.get('ok')} " +
-                     " ".join(f"{k}={v[k]:.2e}" for k in v if k.startswith("err")) + (f" {v['error']}" if "error" in v else ""))
+        errs = " ".join(f"{k}={v[k]:.2e}" for k in v if k.startswith("err"))
+        lines.append(f"validate {v['name']:>16} {v['dtype']:>15} ok={v.get('ok')} {errs} {v.get('error', '')}")
     for k, v in RESULTS.get("gemm", {}).items():
         lines.append(f"{k}: {v}")
     lines.append(f"{'variant':<26}{'N':>7}{'rows':>6}{'inpl':>6}{'fp32acc':>8}{'ms':>9}{'extra GB':>10}"

@@ -34,9 +34,9 @@ row r of x. The dz kernel's program for row r walks its columns in increasing bl
 just read. A barrier after each block's load (bar.sync, which orders the plain loads before it;
 the AOT test checks there are no asynchronous copies, which it would not order) makes every warp's
 reads of block 0 happen before any warp's writes into it; a later block writes only into blocks
-whose reads every warp finished before its own earlier stores, and so before this barrier. The (n, V) dz view then has row
-stride 2V, which cuBLAS takes as its leading dimension. This halves the chunk memory for the
-same chunk size, and the chunk size sets the accuracy of grad_weight (next).
+whose reads every warp finished before its own earlier stores, and so before this barrier. The
+(n, V) dz view then has row stride 2V, which cuBLAS takes as its leading dimension. This halves
+the chunk memory for the same chunk size, and the chunk size sets the accuracy of grad_weight (next).
 
 grad_weight is accumulated in its own dtype: each chunk adds its fp32 product to the bf16 sum
 and rounds once. Over K chunks that adds K roundings of a growing sum: relative error vs float64

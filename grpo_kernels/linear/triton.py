@@ -207,8 +207,9 @@ class LinearConfig:
 
 def default_chunk_rows(V: int, budget: int = MEMORY_BUDGET) -> int:
     """The most rows whose fp32 chunk fits `budget`, in multiples of ROW_QUANTUM, within
-    [MIN_CHUNK_ROWS, MAX_CHUNK_ROWS]. Depends on V only, so a token's results never depend on the
-    batch around it: 768 at V = 151,936."""
+    [MIN_CHUNK_ROWS, MAX_CHUNK_ROWS]: 768 at V = 151,936. Depends on V only, not on the batch (cuBLAS
+    may still pick another algorithm for a shorter last chunk, so a token's log-prob is not promised
+    bitwise the same in every batch, as it was with our own tl.dot tiles)."""
     rows = budget // (4 * max(V, 1)) // ROW_QUANTUM * ROW_QUANTUM
     return max(MIN_CHUNK_ROWS, min(MAX_CHUNK_ROWS, rows))
 

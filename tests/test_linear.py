@@ -464,16 +464,18 @@ def test_bad_grad_scale(grad_scale):
         _call(grad_scale=grad_scale)
 
 
-def test_hidden_layouts_and_frozen_weight():
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_hidden_layouts_and_frozen_weight(backend, monkeypatch):
     """(N, H) hidden, a strided (B, T-1, H) view, and a frozen lm_head (no grad_weight work)."""
+    monkeypatch.setattr(triton_linear, "default_config", lambda *_: TINY)
     hidden, weight, bias, ids, advantages, mask, old, ref = loss_inputs(2, 6, 16, 40, torch.float32, 4)
     base = hidden.clone().requires_grad_()
     view = base[:, :-1]  # what a trainer slices off the model's output
-    loss, _ = fused_linear_grpo_loss(view, weight, ids[:, :-1], advantages, mask[:, :-1], backend="torch",
+    loss, _ = fused_linear_grpo_loss(view, weight, ids[:, :-1], advantages, mask[:, :-1], backend=backend,
                                      lm_head_bias=bias)
     loss.backward()
     flat = view.detach().reshape(-1, 16).clone().requires_grad_()
-    loss2, _ = fused_linear_grpo_loss(flat, weight, ids[:, :-1], advantages, mask[:, :-1], backend="torch",
+    loss2, _ = fused_linear_grpo_loss(flat, weight, ids[:, :-1], advantages, mask[:, :-1], backend=backend,
                                       lm_head_bias=bias)
     loss2.backward()
     assert torch.equal(loss, loss2)

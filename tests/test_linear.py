@@ -21,15 +21,16 @@ from hypothesis import strategies as st
 from grpo_kernels.linear import fused_linear_grpo_loss, linear_token_logprobs
 from grpo_kernels.linear import pytorch as linear_torch
 from grpo_kernels.linear import triton as triton_linear
-from grpo_kernels.linear.triton import GemmTiles, LinearConfig
+from grpo_kernels.linear.triton import LinearConfig
 from grpo_kernels.reference import grpo_loss
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 
-# Tiny, mutually different tiles: several tiles and chunks per axis on shapes of a few dozen,
-# and no kernel may assume another's tiling. The vocabulary chunk (64) is two logits tiles.
-TINY = LinearConfig(logits=GemmTiles(16, 32, 16), grad_hidden=GemmTiles(16, 16, 32),
-                    grad_weight=GemmTiles(32, 16, 16), vocab_chunk=64, group=2)
+# Tiny chunks and blocks: several chunks of tokens and several vocabulary blocks per row on shapes of
+# a few dozen (the last chunk and the last block partial). TINY writes dz into the fp32 chunk, as
+# shipped; TINY_SCRATCH into a separate buffer.
+TINY = LinearConfig(chunk_rows=7, block_v=32, num_warps=4)
+TINY_SCRATCH = LinearConfig(chunk_rows=7, inplace_dz=False, block_v=32, num_warps=4)
 
 
 def rel_err(actual: torch.Tensor, expected: torch.Tensor, floor: float = 1e-3) -> float:
@@ -110,17 +111,18 @@ sweep_shapes = dict(
 
 
 @settings(max_examples=25)
-@given(dtype=st.sampled_from([torch.float32, torch.float16]), **sweep_shapes)
-def test_triton_sweep_matches_float64(dtype, N, V, H, bias, entropy_grad, temperature, seed):
+@given(dtype=st.sampled_from([torch.float32, torch.float16]), config=st.sampled_from([TINY, TINY_SCRATCH]),
+       **sweep_shapes)
+def test_triton_sweep_matches_float64(dtype, config, N, V, H, bias, entropy_grad, temperature, seed):
     # z accumulates in fp32 from exact products, so the forward is fp32-accurate for fp16
     # inputs too; fp16 gradients carry the rounding of dz and of the outputs.
     check_sweep(triton_linear, dtype, N, V, H, bias, entropy_grad, temperature, seed,
-                fwd_tol=1e-5, grad_tol=1e-5 if dtype == torch.float32 else 5e-3, config=TINY)
+                fwd_tol=1e-5, grad_tol=1e-5 if dtype == torch.float32 else 5e-3, config=config)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_triton_sweep_default_config(dtype):
-    """The shipped tiles (128 x 64 for 16-bit) on a problem smaller than one tile."""
+    """The shipped configuration (one chunk, one vocabulary block of 512) on a small problem."""
     check_sweep(triton_linear, dtype, 45, 300, 40, True, True, 0.8, 0, fwd_tol=1e-5,
                 grad_tol=1e-5 if dtype == torch.float32 else 5e-3)
 
@@ -169,29 +171,29 @@ def test_triton_sweep_empty_batch():
 
 
 def test_no_recompile_across_batches_and_temperatures():
-    """Every kernel maps calls with any N, temperature and chunk position to one specialisation."""
+    """Every kernel maps calls with any chunk size, chunk position and temperature to one specialisation."""
     sys.path.insert(0, TESTS)
     from triton_aot import specialization_key
 
     V, H, dtype = 1000, 64, torch.float16
-    config = LinearConfig(GemmTiles(32, 64, 32), GemmTiles(32, 32, 32), GemmTiles(32, 32, 32), vocab_chunk=256)
+    config = triton_linear.default_config(4096, V, H, dtype)
     keys = {}
-    for N, temperature in [(64, 1.0), (77, 0.3), (1, 2.5), (1000, 0.9), (4097, 1.7)]:
-        hidden, weight, b = torch.empty(N, H, dtype=dtype), torch.empty(V, H, dtype=dtype), torch.empty(V, dtype=dtype)
-        ids, row = torch.empty(N, dtype=torch.int64), torch.empty(N)
-        dz, partial = torch.empty(N, 256, dtype=dtype), torch.empty(N, 256)
-        acc, out = torch.empty(N, H), torch.empty(N, H, dtype=dtype)
-        launches = {"fwd": triton_linear.forward_launch(hidden, weight, b, ids, temperature, None,
-                                                        torch.empty(4, 4, N), config)}
-        for v_begin in (0, 512, 768):  # first, middle and the (shorter) last chunk
-            launches[f"dz{v_begin}"] = triton_linear.dz_launch(hidden, weight, b, ids, temperature, None, row, row,
-                                                               row, row, row, dz, partial, v_begin, config)
-            launches[f"gh{v_begin}"] = triton_linear.grad_hidden_launch(dz, weight, acc, out, v_begin, False, False,
-                                                                        config)
-            launches[f"gw{v_begin}"] = triton_linear.grad_weight_launch(dz, hidden, weight, v_begin, config)
+    N = 5000
+    bias = torch.empty(V, dtype=dtype)
+    ids, row, temp = torch.empty(N, dtype=torch.int64), torch.empty(N), torch.empty(N)
+    for n, r0, temperature in [(64, 0, 1.0), (77, 3, 0.3), (1, 4097, 2.5), (1000, 1, 0.9), (768, 4001, 1.7)]:
+        x = torch.empty(n, V)
+        launches = {
+            "stats": triton_linear.stats_launch(x, bias, ids[r0:r0 + n], temperature, None,
+                                                [row[r0:r0 + n]] * 5, config),
+            "stats-temprows": triton_linear.stats_launch(x, bias, ids[r0:r0 + n], temp[r0:r0 + n], None,
+                                                         [row[r0:r0 + n]] * 5, config),
+            "dz": triton_linear.dz_launch(x, x.view(dtype)[:, :V], bias, ids[r0:r0 + n], temperature, None,
+                                          *[row[r0:r0 + n]] * 5, config),
+        }
         for name, (kernel, _grid, args, meta) in launches.items():
-            keys.setdefault(name.rstrip("0123456789"), set()).add(specialization_key(kernel, args, meta))
-    assert {name: len(k) for name, k in keys.items()} == {"fwd": 1, "dz": 1, "gh": 1, "gw": 1}
+            keys.setdefault(name, set()).add(specialization_key(kernel, args, meta))
+    assert {name: len(k) for name, k in keys.items()} == {"stats": 1, "stats-temprows": 1, "dz": 1}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -269,16 +271,211 @@ def test_loss_triton_fp16(options):
     check_loss(options, "triton", torch.float16, 1e-2)
 
 
-def test_hidden_layouts_and_frozen_weight():
+# ---------------------------------------------------------------------------------------------
+# The three-GEMM path (token-local losses): the engine, the autograd function, grad_scale
+# ---------------------------------------------------------------------------------------------
+
+class ScaffoldTokenLocal:
+    """A stand-in for loss_triton's token-local API (token_local, Plan), for tests of the engine and
+    its autograd function apart from loss_triton: each chunk's coefficients by autograd through
+    loss.py, on the log-probs seen so far (the other rows do not change a token-local coefficient);
+    finish runs loss.py on all of them."""
+
+    def __init__(self, cases=("grpo", "dapo", "bnpo", "dr_grpo", "luspo")):
+        self.cases, self.chunks = cases, []
+        api = self
+
+        class Plan:
+            def __init__(self, tokens, o, grad_scale):
+                N = tokens.layout.num_rows
+                self.tokens, self.o, self.grad_scale = tokens, o, grad_scale
+                self.lp, self.ent = torch.zeros(N), torch.zeros(N)
+
+            def _objective(self):
+                from grpo_kernels.loss import objective
+
+                with torch.enable_grad():  # called inside an autograd function's forward
+                    lp, ent = self.lp.clone().requires_grad_(), self.ent.clone().requires_grad_()
+                    loss, metrics = objective(lp, ent, self.tokens, self.o)
+                return lp, ent, loss, metrics
+
+            def chunk_coefficients(self, logprobs_c, entropy_c, row_start):
+                r1 = row_start + logprobs_c.shape[0]
+                api.chunks.append((row_start, r1))
+                self.lp[row_start:r1], self.ent[row_start:r1] = logprobs_c, entropy_c
+                lp, ent, loss, _ = self._objective()
+                c, e = torch.autograd.grad(loss, (lp, ent), allow_unused=True, materialize_grads=True)
+                return c[row_start:r1] * self.grad_scale, e[row_start:r1] * self.grad_scale
+
+            def finish(self):
+                _, _, loss, m = self._objective()
+                zero = torch.zeros(())
+                out = torch.stack([zero if m[k] is None else m[k].detach() for k in
+                                   ("kl", "entropy", "clip_ratio_low", "clip_ratio_high", "clip_ratio_region")]
+                                  + [zero, zero])
+                return loss.detach(), out
+
+        self.Plan = Plan
+
+    def token_local(self, o, tokens, tp_group):
+        return o.loss_type in self.cases and o.importance_sampling_level == "token" and o.top_entropy_quantile == 1.0
+
+
+@pytest.fixture
+def scaffold(monkeypatch):
+    import grpo_kernels.linear as linear
+
+    api = ScaffoldTokenLocal()
+    monkeypatch.setattr(linear, "_token_local_api", lambda: api)
+    monkeypatch.setattr(triton_linear, "default_config", lambda *_: TINY)
+    return api
+
+
+@pytest.mark.parametrize("config", [TINY, TINY_SCRATCH], ids=["inplace", "scratch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_fused_forward_equals_the_four_gemm_path(config, dtype):
+    """The same coefficients give bitwise the same gradients in three GEMMs as in four, with masked
+    rows, a per-token temperature and a bias; inactive rows get exactly zero."""
+    N, V, H = 23, 70, 24
+    hidden, weight, b, ids, g = make_inputs(N, V, H, dtype, True, 11)
+    active = torch.rand(N, generator=g) > 0.3
+    temperature = 0.5 + torch.rand(N, generator=g)
+    c, e = torch.randn(N, generator=g), torch.randn(N, generator=g)
+    calls = []
+
+    def coefficients(r0, lp, ent):
+        calls.append((r0, lp.shape[0]))
+        return c[r0:r0 + lp.shape[0]], e[r0:r0 + lp.shape[0]]
+
+    got = triton_linear.fused_forward(hidden, weight, b, ids, temperature, active, coefficients, config=config)
+    stats = triton_linear.forward(hidden, weight, b, ids, temperature, active, config=config)
+    want = triton_linear.backward(hidden, weight, b, ids, temperature, active, *stats[2:], c, e, config=config)
+    assert calls == [(r, min(7, N - r)) for r in range(0, N, 7)]
+    for x, y in zip(got[:2], stats[:2]):
+        assert torch.equal(x, y)
+    for x, y in zip(got[2:], want):
+        assert torch.equal(x, y)
+    assert not got[2][~active].any() and got[2][active].abs().sum() > 0
+    # and against float64 through explicit logits (only active rows carry a coefficient)
+    on = active.float()
+    _, want64, _ = oracle_sweep(hidden, weight, b, ids, temperature.double()[:, None], c * on, e * on)
+    tol = 1e-5 if dtype == torch.float32 else 5e-3
+    for x, y in zip(got[2:], want64):
+        assert rel_err(x, y) < tol
+
+
+@settings(max_examples=15, deadline=None)
+@given(N=st.integers(0, 40), V=st.integers(1, 150), H=st.integers(1, 40), rows=st.integers(1, 50),
+       block_v=st.sampled_from([16, 32, 64]), inplace=st.booleans(), bias=st.booleans(),
+       entropy_grad=st.booleans(), masked=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_fused_forward_any_chunking(N, V, H, rows, block_v, inplace, bias, entropy_grad, masked, seed):
+    """Any chunk size (past N too) and vocabulary block: the three-GEMM engine equals the four-GEMM path
+    bitwise and both equal float64 (fp16 inputs: dz and the outputs carry fp16 rounding)."""
+    config = LinearConfig(chunk_rows=rows, inplace_dz=inplace, block_v=block_v, num_warps=4)
+    hidden, weight, b, ids, g = make_inputs(N, V, H, torch.float16, bias, seed)
+    active = torch.rand(N, generator=g) > 0.3 if masked else None
+    c = torch.randn(N, generator=g)
+    e = torch.randn(N, generator=g) if entropy_grad else None
+    got = triton_linear.fused_forward(hidden, weight, b, ids, 0.9, active,
+                                      lambda r0, lp, ent: (c[r0:r0 + lp.shape[0]],
+                                                           None if e is None else e[r0:r0 + lp.shape[0]]),
+                                      config=config)
+    stats = triton_linear.forward(hidden, weight, b, ids, 0.9, active, config=config)
+    want = triton_linear.backward(hidden, weight, b, ids, 0.9, active, *stats[2:], c, e, config=config)
+    for x, y in zip(got[2:], want):
+        assert (x is None and y is None) or torch.equal(x, y)
+    on = torch.ones(N) if active is None else active.float()
+    _, want64, scales = oracle_sweep(hidden, weight, b, ids, 0.9, c * on, None if e is None else e * on)
+    for x, y, scale in zip(got[2:], want64, scales):
+        err = torch.linalg.vector_norm(x.double() - y) / max(torch.linalg.vector_norm(scale).item(), 1e-3)
+        assert err < 5e-3
+
+
+@pytest.mark.parametrize("options", [LOSS_CASES[1], LOSS_CASES[3], dict(loss_type="grpo", beta=0.05,
+                                                                         entropy_coef=0.1, temperature=0.7)],
+                         ids=["dapo-k3", "dr_grpo-k2", "grpo-entropy"])
+def test_token_local_path_matches_reference(options, scaffold):
+    """fused_linear_grpo_loss through the three-GEMM path (a scaffold coefficient API) against float64."""
+    check_loss(options, "triton", torch.float32, 1e-5)
+    assert scaffold.chunks, "the three-GEMM path did not run"
+
+
+def test_token_local_losses_take_three_gemms(monkeypatch):
+    """With loss_triton's own API: a token-local loss runs fused_forward once (no backward sweep), a
+    sequence-level one the four-GEMM operators."""
+    monkeypatch.setattr(triton_linear, "default_config", lambda *_: TINY)
+    calls = []
+    for name in ("fused_forward", "forward", "backward"):
+        real = getattr(triton_linear, name)
+        monkeypatch.setattr(triton_linear, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or
+                            _real(*a, **k))
+    for options, want in ((LOSS_CASES[1], ["fused_forward"]), (LOSS_CASES[8], ["forward", "backward"])):
+        calls.clear()
+        check_loss(options, "triton", torch.float32, 1e-5)
+        assert calls == want, options
+
+
+def _token_local_grads(scale, grad_scale, seed=8, **kw):
+    hidden, weight, bias, ids, advantages, mask, old, ref = loss_inputs(3, 5, 24, 70, torch.float32, seed)
+    leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+    loss, _ = fused_linear_grpo_loss(leaves[0], leaves[1], ids, advantages, mask, old, ref, lm_head_bias=leaves[2],
+                                     backend="triton", beta=0.1, grad_scale=grad_scale, **kw)
+    (loss * scale).backward()
+    return loss, [leaf.grad for leaf in leaves]
+
+
+def test_grad_scale(scaffold):
+    """grad_scale = the upstream gradient: the gradients handed over as computed (bitwise those of a
+    scaled loss); any other upstream gradient scales them by g / grad_scale."""
+    loss1, want = _token_local_grads(1.0, 1.0)
+    for scale, grad_scale in ((0.25, 0.25), (0.25, 1.0), (3.0, 0.5), (-1.0, 1.0)):
+        loss, got = _token_local_grads(scale, grad_scale)
+        assert torch.equal(loss, loss1)
+        for x, y in zip(got, want):
+            torch.testing.assert_close(x, scale * y, rtol=1e-6, atol=0)
+    _, got = _token_local_grads(float("nan"), 1.0)
+    assert all(torch.isnan(x).all() for x in got)
+
+
+def test_grad_scale_matched_is_no_pass():
+    """The rescale operator the backward uses, on a (1, rows, H) view: bitwise untouched (poisoned with
+    NaN: not even x * 1) when g == grad_scale, scaled otherwise."""
+    x = torch.randn(50, 64)
+    x[::7, ::3] = float("nan")
+    before = x.clone()
+    torch.ops.grpo_kernels.rescale_gradient_(x.view(1, 50, -1), torch.tensor(0.3), 0.3)
+    assert torch.equal(x.isnan(), before.isnan()) and torch.equal(x.nan_to_num(), before.nan_to_num())
+    torch.ops.grpo_kernels.rescale_gradient_(x.view(1, 50, -1), torch.tensor(0.6), 0.3)
+    torch.testing.assert_close(x.nan_to_num(), 2 * before.nan_to_num())
+
+
+def test_token_local_backward_twice_raises(scaffold):
+    hidden, weight, bias, ids, advantages, mask, old, ref = loss_inputs(2, 4, 16, 40, torch.float32, 3)
+    h = hidden.clone().requires_grad_()
+    loss, _ = fused_linear_grpo_loss(h, weight, ids, advantages, mask, old, ref, backend="triton", beta=0.1)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="a second time"):
+        loss.backward()
+
+
+@pytest.mark.parametrize("grad_scale", [0.0, float("inf"), float("nan")])
+def test_bad_grad_scale(grad_scale):
+    with pytest.raises(ValueError, match="grad_scale"):
+        _call(grad_scale=grad_scale)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_hidden_layouts_and_frozen_weight(backend, monkeypatch):
     """(N, H) hidden, a strided (B, T-1, H) view, and a frozen lm_head (no grad_weight work)."""
+    monkeypatch.setattr(triton_linear, "default_config", lambda *_: TINY)
     hidden, weight, bias, ids, advantages, mask, old, ref = loss_inputs(2, 6, 16, 40, torch.float32, 4)
     base = hidden.clone().requires_grad_()
     view = base[:, :-1]  # what a trainer slices off the model's output
-    loss, _ = fused_linear_grpo_loss(view, weight, ids[:, :-1], advantages, mask[:, :-1], backend="torch",
+    loss, _ = fused_linear_grpo_loss(view, weight, ids[:, :-1], advantages, mask[:, :-1], backend=backend,
                                      lm_head_bias=bias)
     loss.backward()
     flat = view.detach().reshape(-1, 16).clone().requires_grad_()
-    loss2, _ = fused_linear_grpo_loss(flat, weight, ids[:, :-1], advantages, mask[:, :-1], backend="torch",
+    loss2, _ = fused_linear_grpo_loss(flat, weight, ids[:, :-1], advantages, mask[:, :-1], backend=backend,
                                       lm_head_bias=bias)
     loss2.backward()
     assert torch.equal(loss, loss2)
@@ -287,15 +484,52 @@ def test_hidden_layouts_and_frozen_weight():
     assert weight.grad is None and bias.grad is None
 
 
-def test_autocast_computes_in_the_autocast_dtype():
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
+def test_token_local_packed_rows_with_per_token_temperature(loss_type, monkeypatch):
+    """Packed sequences (an empty one among them), a per-token temperature and masked rows poisoned
+    with large hidden states, through the three-GEMM path, against float64."""
+    monkeypatch.setattr(triton_linear, "default_config", lambda *_: TINY)
+    calls = []
+    real = triton_linear.fused_forward
+    monkeypatch.setattr(triton_linear, "fused_forward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    g = torch.Generator().manual_seed(12)
+    lengths, H, V = [9, 1, 0, 12], 20, 90
+    N, S = sum(lengths), len(lengths)
+    cu = torch.tensor([0, 9, 10, 10, 22])
+    hidden, weight, bias, ids, _ = make_inputs(N, V, H, torch.float32, True, 12)
+    mask = torch.rand(N, generator=g) > 0.25
+    hidden[~mask] *= 1e3  # read but never weighed: their gradient rows must be exactly 0
+    temperature = 0.5 + torch.rand(N, generator=g)
+    adv, ref = torch.randn(S, generator=g), -3 * torch.rand(N, generator=g)
+    old = ref + 0.3 * torch.randn(N, generator=g)
+    leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+    kw = dict(loss_type=loss_type, beta=0.05, temperature=temperature, cu_seqlens=cu)
+    loss, metrics = fused_linear_grpo_loss(leaves[0], leaves[1], ids, adv, mask, old, ref, lm_head_bias=leaves[2],
+                                           backend="triton", **kw)
+    loss.backward()
+    assert calls, "the three-GEMM path did not run"
+    oracle = [t.detach().double().requires_grad_() for t in (hidden, weight, bias)]
+    want, want_metrics = grpo_loss(oracle[0] @ oracle[1].T + oracle[2], ids, adv, mask, old, ref, **kw)
+    want.backward()
+    assert rel_err(loss.detach(), want.detach()) < 1e-5
+    for name in ("kl", "entropy", "clip_ratio_region"):
+        assert rel_err(metrics[name], want_metrics[name]) < 1e-5, name
+    for leaf, o in zip(leaves, oracle):
+        assert rel_err(leaf.grad, o.grad) < 1e-5
+    assert not leaves[0].grad[~mask].any()
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_autocast_computes_in_the_autocast_dtype(backend, monkeypatch):
     """bf16 autocast over fp32 master weights, as F.linear: same loss as on the bf16-cast inputs,
     gradients in fp32. The strided bias is a view the kernels cannot read as is."""
+    monkeypatch.setattr(triton_linear, "default_config", lambda *_: TINY)
     hidden, weight, bias, ids, advantages, mask, old, ref = loss_inputs(2, 5, 16, 40, torch.float32, 7)
     leaves = [hidden.clone().requires_grad_(), weight.clone().requires_grad_(),
               bias.repeat_interleave(2).clone().requires_grad_()]
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss, _ = fused_linear_grpo_loss(leaves[0], leaves[1], ids, advantages, mask, old, ref, beta=0.1,
-                                         lm_head_bias=leaves[2][::2], backend="torch")
+                                         lm_head_bias=leaves[2][::2], backend=backend)
     loss.backward()
     cast = [t.to(torch.bfloat16).double().requires_grad_() for t in (hidden, weight, bias)]
     want, _ = grpo_loss(cast[0] @ cast[1].T + cast[2], ids, advantages, mask, old, ref, beta=0.1)
@@ -391,37 +625,28 @@ SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 
 def shipped_launches(N=8192, V=151936, H=4096):
     """(name, kernel, grid, args, meta) of every kernel variant we ship, at a production shape
-    (torch.empty allocates no pages: the 1.2 GB weight costs nothing here)."""
+    (torch.empty allocates no pages: the fp32 chunk costs nothing here)."""
     for dtype in triton_linear.SUPPORTED_DTYPES:
         cfg = triton_linear.default_config(N, V, H, dtype)
-        hidden, weight = torch.empty(N, H, dtype=dtype), torch.empty(V, H, dtype=dtype)
-        bias, ids, row = torch.empty(V, dtype=dtype), torch.empty(N, dtype=torch.int64), torch.empty(N)
-        dz = torch.empty(N, cfg.vocab_chunk, dtype=dtype)
-        partial = torch.empty(N // cfg.logits.block_m + 1, cfg.vocab_chunk)
-        acc, out = torch.empty(N, H), torch.empty(N, H, dtype=dtype)
-        stats = torch.empty(4, -(-V // cfg.vocab_chunk), N)
+        n = cfg.chunk_rows
+        x = torch.empty(n, V)
+        dz = x.view(dtype)[:, :V] if dtype != torch.float32 else x
+        bias, ids, row = torch.empty(V, dtype=dtype), torch.empty(n, dtype=torch.int64), torch.empty(n)
         name = str(dtype).removeprefix("torch.")
-        active, temperature = torch.empty(N, dtype=torch.bool), torch.empty(N)
-        # Masked rows and a per-token temperature (packed batches) in every forward and dz variant.
-        # (fp32 only unmasked: the variants differ by a row mask and a load, and compiling costs CI time.)
-        variants = (("", None, 1.0),) + ((("-temprows", None, temperature),)
-                                          if dtype != torch.float32 else ())
-        for rows_name, act, temp in variants:
+        active, temperature = torch.empty(n, dtype=torch.bool), torch.empty(n)
+        # Masked rows and a per-token temperature (packed batches) beside the plain rows.
+        for rows_name, act, temp in (("", None, 1.0), ("-masked-temprows", active, temperature)):
             for b in (None, bias):
-                yield (f"fwd-{name}-bias{int(b is not None)}{rows_name}",
-                       *triton_linear.forward_launch(hidden, weight, b, ids, temp, None, stats, cfg))
-                for bias_grad in (False, True) if b is not None else (False,):
-                    for entropy in (False, True):
-                        yield (f"dz-{name}-bias{int(b is not None)}-biasgrad{int(bias_grad)}-entropy{int(entropy)}"
-                               f"{rows_name}",
-                               *triton_linear.dz_launch(hidden, weight, b, ids, temp, None, row, row, row, row,
-                                                        row if entropy else None, dz,
-                                                        partial if bias_grad else None, cfg.vocab_chunk, cfg))
-        yield f"grad_weight-{name}", *triton_linear.grad_weight_launch(dz, hidden, weight, cfg.vocab_chunk, cfg)
-        for first in (False, True):
-            for last in (False, True):
-                yield (f"grad_hidden-{name}-first{int(first)}-last{int(last)}",
-                       *triton_linear.grad_hidden_launch(dz, weight, acc, out, cfg.vocab_chunk, first, last, cfg))
+                tag = f"{name}-bias{int(b is not None)}{rows_name}"
+                for partial in (False, True):
+                    yield (f"stats-{tag}-partial{int(partial)}",
+                           *triton_linear.stats_launch(x, b, ids, temp, act, [row] * (4 if partial else 5), cfg,
+                                                       partial=partial))
+                for entropy in (False, True):
+                    for out, place in ((dz, "inplace"), (torch.empty(n, V, dtype=dtype), "scratch")):
+                        yield (f"dz-{tag}-entropy{int(entropy)}-{place}",
+                               *triton_linear.dz_launch(x, out, b, ids, temp, act, row, row, row, row,
+                                                        row if entropy else None, cfg))
 
 
 def _print_aot_reports(arch: int) -> None:
@@ -435,7 +660,9 @@ def _print_aot_reports(arch: int) -> None:
         ptx = compiled.asm["ptx"]
         print(json.dumps({**report(name, compiled, arch), "shared_dynamic": compiled.metadata.shared,
                           "mma": len(re.findall(r"\b(?:wgmma\.mma_async|mma\.sync)", ptx)),
-                          "st_global_16bit": len(re.findall(r"st\.global\.b16", ptx))}), flush=True)
+                          "st_global_16bit": len(re.findall(r"st\.global\.b16", ptx)),
+                          "barriers": len(re.findall(r"\bbar\.sync|\bbarrier\.sync", ptx)),
+                          "cp_async": len(re.findall(r"\bcp\.async", ptx))}), flush=True)
 
 
 @pytest.fixture(scope="module")
@@ -461,6 +688,10 @@ def test_kernels_compile_for_sm80_and_sm90(aot_reports):
         where = f"{r['kernel']} sm_{r['arch']}: {r}"
         assert r["stack"] == 0 and r["local"] == 0, "register spills in " + where
         assert r["shared"] + r["shared_dynamic"] <= SMEM_LIMIT[r["arch"]], "shared memory over the limit in " + where
-        assert r["mma"] > 0 or "float32" in r["kernel"], "no tensor-core MMA in " + where
-        # dz is written (and read back) in whole 16-byte vectors, never element by element.
-        assert r["st_global_16bit"] == 0, "scalar 16-bit stores in " + where
+        # The row kernels stream whole 16-byte vectors of the fp32 chunk.
+        if r["kernel"].startswith(("stats", "dz")):
+            assert r["ld_global_v4"] > 0, "no vector loads in " + where
+        # In place, every block's reads are ordered before its writes by a barrier (triton.py): plain
+        # loads, which bar.sync orders (asynchronous copies it would not).
+        if r["kernel"].startswith("dz") and r["kernel"].endswith("inplace"):
+            assert r["barriers"] > 0 and r["cp_async"] == 0, "unordered in-place reads and writes in " + where

@@ -9,6 +9,11 @@ sweep turns them into the gradients of hidden, weight and bias.
 
   grpo_kernels::linear_sweep            hidden (N, H), weight (V, H), bias -> the five (N,) numbers
   grpo_kernels::linear_sweep_backward   -> grad_hidden, grad_weight, grad_bias (empty where not needed)
+
+That is four GEMM-equivalents (the backward recomputes the logits). On the Triton backend a
+token-local loss (SPEC section 14) takes three instead (`_TokenLocalLinear`, eager mode): each
+chunk's coefficients come from loss_triton's token-local API as soon as its log-probs exist, and
+its gradient is computed where its fp32 logits are (triton.fused_forward; docs/fused_linear.md).
 """
 from __future__ import annotations
 
@@ -21,8 +26,12 @@ from ..layout import Tokens, build_tokens, check_ids, check_rows, logprobs_resul
 from ..loss import Metrics, objective
 from ..options import GRPOOptions, check_bool, check_temperature, single_backward
 from ..sweep import resolve_backend, stats_dtype
+from ..sweep import two_pass  # noqa: F401 - registers grpo_kernels::rescale_gradient_, which the backward uses
 
 Tensor = torch.Tensor
+# Token-local losses on the Triton backend in three GEMM-equivalents (`_TokenLocalLinear`); False
+# sends every loss through the operators' four (docs/fused_linear.md).
+THREE_GEMM = True
 HIDDEN_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
@@ -165,19 +174,24 @@ def _autocast(hidden: Tensor, weight: Tensor, bias: Tensor | None):
     return cast(hidden), cast(weight), cast(bias)
 
 
-def linear_sweep_rows(hidden: Tensor, weight: Tensor, bias: Tensor | None, tokens: Tokens, backend: str,
-                      tp_group=None, vocab_start: int = 0, sequence_parallel: bool = False) -> tuple[Tensor, Tensor]:
-    """logprobs and entropy (N,) of the tokens from their hidden states."""
-    H = hidden.shape[-1]
-    # (N, H) rows with contiguous features; a copy only for views that cannot be flattened
-    # (O(N * H), never O(N * V)). Autograd routes grad_hidden back through the reshape.
-    rows = hidden.reshape(-1, H)
+def _kernel_layout(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(N, H) rows with contiguous features, and weight and bias as the kernels read them; a copy
+    only for views that cannot be flattened (O(N * H), never O(N * V)). Autograd routes grad_hidden
+    back through the reshape."""
+    rows = hidden.reshape(-1, hidden.shape[-1])
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
     if weight.stride(-1) != 1:
         weight = weight.contiguous()
     if bias is not None and bias.stride(0) != 1:
         bias = bias.contiguous()
+    return rows, weight, bias
+
+
+def linear_sweep_rows(hidden: Tensor, weight: Tensor, bias: Tensor | None, tokens: Tokens, backend: str,
+                      tp_group=None, vocab_start: int = 0, sequence_parallel: bool = False) -> tuple[Tensor, Tensor]:
+    """logprobs and entropy (N,) of the tokens from their hidden states."""
+    rows, weight, bias = _kernel_layout(hidden, weight, bias)
     t_scalar, t_rows = tokens.temperature_args
     ids = tokens.ids
     if tp_group is not None:
@@ -188,6 +202,66 @@ def linear_sweep_rows(hidden: Tensor, weight: Tensor, bias: Tensor | None, token
     logprobs, entropy, *_ = torch.ops.grpo_kernels.linear_sweep(rows, weight, bias, ids, t_scalar, t_rows,
                                                                tokens.active, 0, False, backend)
     return logprobs, entropy
+
+
+def _token_local_api():
+    """loss_triton's API for token-local losses (token_local, Plan), or None where it is missing (then
+    every loss takes the four-GEMM path). Tests replace it with a stand-in."""
+    from .. import loss_triton
+
+    return loss_triton if hasattr(loss_triton, "token_local") and hasattr(loss_triton, "Plan") else None
+
+
+class _TokenLocalLinear(torch.autograd.Function):
+    """hidden rows (N, H), weight, bias -> (loss, the (7,) metric scalars, logprobs) in three
+    GEMM-equivalents (triton.fused_forward): the forward leaves the complete gradients for the
+    upstream gradient grad_scale; the backward hands them over, scaled by g / grad_scale on the
+    device only when g differs from grad_scale (the rescale_gradient_ operator: its programs return
+    at once when g == grad_scale, so no pass over them then)."""
+
+    @staticmethod
+    def forward(ctx, rows, weight, bias, tokens, o, api):
+        from . import triton as triton_linear
+
+        needs = tuple(ctx.needs_input_grad[:3])
+        plan = api.Plan(tokens, o, o.grad_scale)
+        t_scalar, t_rows = tokens.temperature_args
+        logprobs, _, *grads = triton_linear.fused_forward(
+            rows, weight, bias, tokens.ids, t_scalar if t_rows is None else t_rows, tokens.active,
+            lambda r0, lp, ent: plan.chunk_coefficients(lp, ent, r0), needs_grad=needs)
+        loss, out = plan.finish()
+        grad_scale = o.grad_scale
+        # Held on ctx, not saved: the backward gives them away (AccumulateGrad keeps the tensor
+        # itself when nothing else refers to it, instead of copying grad_weight).
+        ctx.grads, ctx.grad_scale = grads, grad_scale
+        ctx.mark_non_differentiable(out, logprobs)
+        ctx.set_materialize_grads(False)
+        if tokens.invalid is not None:
+            loss = torch.where(tokens.invalid, float("nan"), loss)
+        return loss, out, logprobs
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss, _grad_out, _grad_logprobs):
+        grads, ctx.grads = ctx.grads, None
+        if grads is None:
+            raise RuntimeError("fused_linear_grpo_loss computes its gradients in the forward and hands them over "
+                               "once: backward through it a second time (retain_graph=True) is not supported")
+        if grad_loss is None:
+            return (None,) * 6
+        for grad in grads:
+            if grad is not None and grad.numel() > 0:  # (rows, H): nothing read when g == grad_scale
+                torch.ops.grpo_kernels.rescale_gradient_(grad.view(1, grad.shape[0], -1), grad_loss,
+                                                         ctx.grad_scale)
+        return (*grads, None, None, None)
+
+
+def _token_local_loss(hidden, weight, bias, tokens, o, api) -> tuple[Tensor, Metrics]:
+    rows, weight, bias = _kernel_layout(hidden, weight, bias)
+    loss, out, logprobs = _TokenLocalLinear.apply(rows, weight, bias, tokens, o, api)
+    from ..ops import _metrics  # the metrics of loss_triton's (7,) scalars, as fused_grpo_loss returns them
+
+    return loss, _metrics(out, logprobs, tokens, o)
 
 
 def _prepare(hidden, weight, bias, completion_ids, advantages, mask, old, ref, rollout, sampling, cu_seqlens, o,
@@ -267,11 +341,22 @@ def fused_linear_grpo_loss(
     lm_head_weight and lm_head_bias. Under torch.autocast the three compute in the autocast
     dtype, as F.linear would. `inplace_backward` has no effect (there are no logits to
     overwrite), and backend is auto (Triton on CUDA, chunked PyTorch on the CPU), triton or torch.
+
+    On the Triton backend a token-local loss (SPEC section 14) runs in three GEMM-equivalents (in
+    eager mode): the forward computes the gradients too, for an upstream gradient of the option
+    `grad_scale` (default 1.0, what loss.backward() brings; a trainer that scales the loss after this
+    call, e.g. by 1 / gradient_accumulation_steps, passes that factor). The backward then only hands
+    them over; for any other upstream gradient it scales them once by g / grad_scale, decided on the
+    device (no host sync). Backward runs once (retain_graph=True and a second backward raise).
     """
     o = GRPOOptions(**options)
     hidden, weight, bias, tokens, name, start = _prepare(
         hidden, lm_head_weight, lm_head_bias, completion_ids, advantages, completion_mask, old_logprobs,
         ref_logprobs, rollout_is_ratio, sampling_logprobs, cu_seqlens, o, tp_group, vocab_start, True,
         sequence_parallel)
+    api = _token_local_api() if THREE_GEMM and name == "triton" and tp_group is None \
+        and not torch.compiler.is_compiling() else None
+    if api is not None and api.token_local(o, tokens, tp_group):
+        return _token_local_loss(hidden, weight, bias, tokens, o, api)
     logprobs, entropy = linear_sweep_rows(hidden, weight, bias, tokens, name, tp_group, start, sequence_parallel)
     return objective(logprobs, entropy, tokens, o)

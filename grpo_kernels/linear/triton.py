@@ -1,39 +1,53 @@
-"""The fused-linear vocabulary sweep in Triton: log pi(y) and entropy from hidden states and
-the output projection, and their gradient, without materialising the (N, V) logits.
+"""The fused-linear sweep on the GPU: cuBLAS products in fp32 chunks of tokens, Triton row kernels
+between them. log pi(y), entropy and their gradient from the hidden states and the output
+projection, without the (N, V) logits: at most one chunk of `chunk_rows` tokens exists at a time,
+in fp32 (never rounded to 16 bits).
 
-With z = (hidden @ weight.T + bias) / temperature, p = softmax(z), y = ids:
+With z = (hidden @ weight.T + bias) / temperature, p = softmax(z), y = ids - vocab_start, per chunk
+of rows [r0, r1):
 
-  forward   `_linear_fwd_kernel`, one program per (token tile, vocabulary chunk): computes
-            the logits tiles of its chunk on the tensor cores (fp32 accumulation) and folds
-            them into online softmax statistics per row (max m, sum exp(z - m), sum
-            exp(z - m)(z - m), target logit). `merge_chunks` merges the chunks in a fixed
-            order and stats.finish gives the five numbers of the sweep contract
-            (logprobs = (z_y - m) - log_sum, entropy, m, log_sum, mean_rel; docs/design.md).
+  x  = hidden[r0:r1] @ weight.T            cuBLAS, 16-bit inputs, fp32 output (`_logits_gemm`)
+  `_chunk_stats_kernel`   one program per row: reads x (+ bias, / temperature) once; writes the
+                          sweep contract's five numbers (logprob, entropy, m, log_sum, mean_rel)
+                          or, for a vocab-parallel shard, (m, s, u, z_y)
+  c, e = coefficients(r0, logprob, entropy)   dL/dlogprob, dL/dentropy of these rows
+  `_chunk_dz_kernel`      one program per row: reads x once more; writes
+                          dz = (c (onehot(y) - p) + e p (mean_rel - (z - m))) / T in the inputs'
+                          dtype, into x's own storage (inplace_dz) or a scratch
+  grad_hidden[r0:r1] = dz @ weight         cuBLAS (fp32 accumulation over the whole vocabulary)
+  grad_weight += dz.T @ hidden[r0:r1]      cuBLAS addmm (fp32 sum of the chunk, one rounding)
 
-  backward  the vocabulary is swept in chunks of `vocab_chunk` columns, three kernels each:
-            `_linear_dz_kernel`           recomputes the chunk's logits tile by tile and writes
-                                          dz = (c (onehot(y) - p) + e p (mean_rel - (z - m))) / T into a
-                                          (N, vocab_chunk) scratch (+ fp32 column sums for the bias);
-            `_linear_grad_hidden_kernel`  grad_hidden += dz @ W[chunk], into ONE fp32 running sum
-                                          across all chunks (written in the input dtype after the last);
-            `_linear_grad_weight_kernel`  grad_weight[chunk] = dz.T @ hidden, the whole token sum
-                                          in one fp32 accumulator.
+Three GEMM-equivalents (`fused_forward`) when the coefficients of a chunk follow from its own
+rows (a token-local loss, SPEC section 14): the gradient is complete when the forward returns.
+Otherwise the contract's `forward` (GEMM + stats) and `backward` (GEMM + dz + the two gradient
+GEMMs, with the forward's m, log_sum, mean_rel): four.
 
-Why chunks in the backward: an output row of grad_hidden is H wide (4,096 for an 8B model),
-too wide to stay on chip while a program sweeps the vocabulary, and keeping it in global
-memory costs a read-modify-write of BLOCK_N x H fp32 per 128 vocabulary columns. Writing dz
-for a chunk of vocab_chunk ~ H columns instead costs N x vocab_chunk (the size of the hidden
-states, independent of V) and turns both gradients into plain GEMMs with full tiles and full
-occupancy, each reduction owned by one program: no atomics, bitwise reproducible.
+Why cuBLAS and fp32 chunks (docs/fused_linear.md): cuBLAS with fp32 output runs the product at
+688 TFLOP/s on the H200, 3% slower than with bf16 output, and 1.4e-6 from float64; our tl.dot tiles
+ran the same products at ~380 TFLOP/s. The price is memory traffic over each chunk: the GEMM writes
+it (4 B per logit), the stats read it (4), dz reads it and writes 2: about 3 ms at 8,192 x 151,936
+on the H200, against ~44 ms of GEMMs.
 
-Peak extra memory: dz (N x vocab_chunk, input dtype) + the fp32 grad_hidden sum (N x H)
-+ the chunk statistics (4 x V/vocab_chunk x N fp32): O(N * H), independent of N * V.
+dz in place (LinearConfig.inplace_dz): row r of dz, 16-bit, takes the first half of the bytes of
+row r of x. The dz kernel's program for row r walks its columns in increasing blocks; block
+[b, b + B) writes the bytes of x's columns [b/2, (b + B)/2), all of which lie at or before the block
+just read. A barrier after each block's load (bar.sync, which orders the plain loads before it;
+the AOT test checks there are no asynchronous copies, which it would not order) makes every warp's
+reads of block 0 happen before any warp's writes into it; a later block writes only into blocks
+whose reads every warp finished before its own earlier stores, and so before this barrier. The
+(n, V) dz view then has row stride 2V, which cuBLAS takes as its leading dimension. This halves
+the chunk memory for the same chunk size, and the chunk size sets the accuracy of grad_weight (next).
 
-Rules as for the logits sweep (SPEC section 3): int64 offsets, fp32 accumulation, no atomics,
-and every size that changes per batch (N, chunk bounds) and the temperature are runtime
-arguments that never specialise; only dtypes, tile sizes and flags that remove work are
-compile-time. fp32 inputs use IEEE fp32 dots (torch's default matmul precision), 16-bit
-inputs the tensor cores.
+grad_weight is accumulated in its own dtype: each chunk adds its fp32 product to the bf16 sum
+and rounds once. Over K chunks that adds K roundings of a growing sum: relative error vs float64
+2.4e-3 (K = 1) -> 3.9e-3 (K = 8) -> 4.4e-3 (K = 11) -> 5.0e-3 (K = 16) (measured on the CPU,
+docs/fused_linear.md). An fp32 accumulator would keep 2.4e-3 but costs 4 V H bytes (2.5 GB for
+Qwen's head), five times the memory budget; so the default chunk is the largest that fits
+MEMORY_BUDGET, which at 8,192 x 151,936 is 768 rows, K = 11.
+
+Inactive rows (mask 0) are not read by the row kernels, get dz = 0 and so a zero grad_hidden row;
+their hidden rows still enter the products (they must be finite, as a model's hidden states are).
+Bitwise reproducible: no atomics, every sum in a fixed order.
 """
 from __future__ import annotations
 
@@ -43,396 +57,255 @@ import torch
 import triton
 import triton.language as tl
 
-from ..stats import finish
 from ..sweep.triton import expm1, inv_temperature_of, online_softmax_step, row_args
-from .pytorch import merge_chunks, vocab_chunks
-
-# The token count varies per batch: never specialised, so a new N reuses the compiled kernel.
-# The chunk bounds that the backward passes (v_begin, chunk_width) are multiples of the vocabulary
-# tile, so they always specialise the same way ("divisible by 16") and keep the loads and
-# stores of dz vectorised; V and H are fixed per model.
-_RUNTIME_INTS = ["N", "vocab_start"]
-_PER_ROW_POINTERS = ["ids_ptr", "active_ptr", "temperature_ptr"]
-
-
-@triton.jit
-def _tile_rows(rows, N, active_ptr, temperature_ptr, inv_temperature,
-               HAS_ACTIVE: tl.constexpr, PER_ROW_TEMPERATURE: tl.constexpr):
-    """(row_ok, inv_t) of a token tile: rows < N and active (an inactive row is read as zeros and
-    adds nothing), and 1 / temperature as a scalar or per row (BLOCK_N, 1), NaN where a per-row
-    temperature is <= 0 or not finite."""
-    row_ok = rows < N
-    if HAS_ACTIVE:
-        row_ok = row_ok & (tl.load(active_ptr + rows, mask=rows < N, other=0) != 0)
-    if PER_ROW_TEMPERATURE:
-        inv_t = inv_temperature_of(tl.load(temperature_ptr + rows, mask=rows < N, other=1.0))[:, None]
-    else:
-        inv_t = inv_temperature
-    return row_ok, inv_t
-
-
-@triton.jit
-def _tile_coords(pid, num_m, num_n, GROUP_M: tl.constexpr):
-    """(pid_m, pid_n) of program `pid` in grouped order (Triton's matmul tutorial): GROUP_M row
-    tiles sweep the column tiles together, so the operands they share are served from L2."""
-    per_group = GROUP_M * num_n
-    first_m = (pid // per_group) * GROUP_M
-    group_m = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_m
-    pid_n = (pid % per_group) // group_m
-    return pid_m, pid_n
-
-
-@triton.jit
-def _logits_tile(
-    hidden_ptr, weight_ptr, bias_ptr, rows, row_ok, cols, V, H,
-    stride_hn, stride_hh, stride_wv, stride_wh, inv_t,
-    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
-    """z = (hidden[rows] @ weight[cols].T + bias[cols]) * inv_t, a (BLOCK_N, BLOCK_V) fp32 tile.
-    Columns >= V are -inf, so they drop out of every softmax sum; rows not row_ok (past N, or
-    inactive) read zeros and their results are never used."""
-    col_ok = cols < V
-    ks = tl.arange(0, BLOCK_H)
-    h_ptrs = hidden_ptr + rows[:, None] * stride_hn + ks[None, :] * stride_hh  # (BLOCK_N, BLOCK_H)
-    w_ptrs = weight_ptr + ks[:, None] * stride_wh + cols[None, :] * stride_wv  # (BLOCK_H, BLOCK_V) = W^T
-    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
-    for k in range(0, H, BLOCK_H):
-        k_ok = ks < H - k
-        a = tl.load(h_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
-        h_ptrs += BLOCK_H * stride_hh
-        w_ptrs += BLOCK_H * stride_wh
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    return tl.where(col_ok[None, :], acc * inv_t, -float("inf"))
-
-
-@triton.jit(do_not_specialize=_RUNTIME_INTS, do_not_specialize_on_alignment=_PER_ROW_POINTERS)
-def _linear_fwd_kernel(
-    hidden_ptr, weight_ptr, bias_ptr, ids_ptr, active_ptr, temperature_ptr, stats_ptr,
-    N, V, H, stride_hn, stride_hh, stride_wv, stride_wh, vocab_start, inv_temperature,
-    HAS_BIAS: tl.constexpr, HAS_ACTIVE: tl.constexpr, PER_ROW_TEMPERATURE: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-    VOCAB_CHUNK: tl.constexpr, GROUP_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
-):
-    """Reads hidden[rows], ids[rows] and weight, bias over one vocabulary chunk, for one token
-    tile; writes that chunk's statistics of each row to stats (4, num_chunks, N) fp32:
-    m = max z, s = sum exp(z - m), u = sum exp(z - m)(z - m), and z_y (0 when y is not in
-    the chunk; y is ids - vocab_start). merge_chunks merges the chunks."""
-    num_chunks = tl.cdiv(V, VOCAB_CHUNK)
-    pid_n, chunk = _tile_coords(tl.program_id(0), tl.cdiv(N, BLOCK_N), num_chunks, GROUP_N)
-    rows = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok, inv_t = _tile_rows(rows, N, active_ptr, temperature_ptr, inv_temperature, HAS_ACTIVE,
-                               PER_ROW_TEMPERATURE)
-    y = tl.load(ids_ptr + rows, mask=rows < N, other=-1).to(tl.int64) - vocab_start
-
-    m = tl.full((BLOCK_N,), -float("inf"), dtype=tl.float32)
-    s = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    u = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    z_y = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    v_begin = chunk.to(tl.int64) * VOCAB_CHUNK
-    v_end = tl.minimum(v_begin + VOCAB_CHUNK, V)
-    for v in range(v_begin, v_end, BLOCK_V):
-        cols = v + tl.arange(0, BLOCK_V)
-        z = _logits_tile(hidden_ptr, weight_ptr, bias_ptr, rows, row_ok, cols, v_end, H,
-                         stride_hn, stride_hh, stride_wv, stride_wh, inv_t,
-                         HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION)
-        m, s, u = online_softmax_step(m, s, u, z, 1)
-        # The target logit from the very tile the statistics saw, so logprob and p_y agree.
-        # (A target in the -inf tail of the last tile is not owned: the caller masks it, so no
-        # extra column test here, which would spill the 16-bit tile on sm_80.)
-        z_y += tl.sum(tl.where(cols[None, :] == y[:, None], z, 0.0), axis=1)
-
-    # V (and so num_chunks) may be a compile-time 1; N never is.
-    plane = N.to(tl.int64) * num_chunks
-    out = stats_ptr + chunk * N.to(tl.int64) + rows
-    row_ok = rows < N
-    tl.store(out, m, mask=row_ok)
-    tl.store(out + plane, s, mask=row_ok)
-    tl.store(out + 2 * plane, u, mask=row_ok)
-    tl.store(out + 3 * plane, z_y, mask=row_ok)
-
-
-@triton.jit(do_not_specialize=_RUNTIME_INTS, do_not_specialize_on_alignment=_PER_ROW_POINTERS)
-def _linear_dz_kernel(
-    hidden_ptr, weight_ptr, bias_ptr, ids_ptr, active_ptr, temperature_ptr, m_ptr, log_sum_ptr, mean_rel_ptr,
-    grad_logprobs_ptr, grad_entropy_ptr, dz_ptr, bias_partial_ptr,
-    N, V, H, v_begin, chunk_width, stride_hn, stride_hh, stride_wv, stride_wh, stride_dzn, stride_bpn, vocab_start,
-    inv_temperature,
-    HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr, HAS_GRAD_ENTROPY: tl.constexpr,
-    HAS_ACTIVE: tl.constexpr, PER_ROW_TEMPERATURE: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, GROUP_N: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
-    """Reads hidden[rows], weight and bias over columns [v_begin, v_begin + chunk_width), and
-    ids, active, temperature, m, log_sum, mean_rel and the upstream gradients [rows]; writes,
-    for one (token, column) tile,
-    dz[rows, col - v_begin] = dL/d(hidden @ W.T + b) in dz's dtype and, with BIAS_GRAD, the
-    tile's fp32 column sums to bias_partial[token tile, col - v_begin]. chunk_width is a whole
-    number of tiles; columns >= V get dz = 0 (p = 0 there and no target), so the consumers
-    read whole tiles. Rows past N or inactive get dz = 0."""
-    num_n = tl.cdiv(N, BLOCK_N)
-    pid_n, pid_v = _tile_coords(tl.program_id(0), num_n, tl.cdiv(chunk_width, BLOCK_V), GROUP_N)
-    rows = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    local = pid_v.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
-    cols = v_begin + local
-    row_ok, inv_t = _tile_rows(rows, N, active_ptr, temperature_ptr, inv_temperature, HAS_ACTIVE,
-                               PER_ROW_TEMPERATURE)
-    col_ok = local < chunk_width
-
-    z = _logits_tile(hidden_ptr, weight_ptr, bias_ptr, rows, row_ok, cols, V, H,
-                     stride_hn, stride_hh, stride_wv, stride_wh, inv_t,
-                     HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION)
-    y = tl.load(ids_ptr + rows, mask=row_ok, other=-1).to(tl.int64) - vocab_start
-    m = tl.load(m_ptr + rows, mask=row_ok, other=0.0)
-    log_s = tl.load(log_sum_ptr + rows, mask=row_ok, other=0.0)
-    # The 1/temperature of dz/d(pre-temperature logits) folds into the per-row coefficients.
-    c = tl.load(grad_logprobs_ptr + rows, mask=row_ok, other=0.0)[:, None] * inv_t
-    z_rel = z - m[:, None]
-    logp = z_rel - log_s[:, None]
-    p = tl.exp(logp)
-    # c (onehot - p): at the target -c expm1(log p_y), one value per row (for a confident token
-    # p_y is 1 to within eps, and 1 - p_y as a difference would lose it all).
-    is_y = cols[None, :] == y[:, None]
-    logp_y = tl.sum(tl.where(is_y, logp, 0.0), axis=1)
-    dz = tl.where(is_y, -c * expm1(logp_y)[:, None], -c * p)
-    if HAS_GRAD_ENTROPY:
-        e = tl.load(grad_entropy_ptr + rows, mask=row_ok, other=0.0)[:, None] * inv_t
-        mean_rel = tl.load(mean_rel_ptr + rows, mask=row_ok, other=0.0)
-        # dH/dz = p (E_p[z] - z); where p underflows to 0 the term is 0, not 0 * inf.
-        dz += e * p * tl.where(p > 0.0, mean_rel[:, None] - z_rel, 0.0)
-    # Rows past N or inactive must add nothing to the bias sums.
-    dz = tl.where(row_ok[:, None], dz, 0.0)
-    tl.store(dz_ptr + rows[:, None] * stride_dzn + local[None, :], dz.to(dz_ptr.dtype.element_ty),
-             mask=(rows < N)[:, None] & col_ok[None, :])
-    if BIAS_GRAD:
-        # Column sums of the fp32 dz (not of its rounded copy); summed over token tiles later.
-        tl.store(bias_partial_ptr + pid_n.to(tl.int64) * stride_bpn + local, tl.sum(dz, axis=0), mask=col_ok)
-
-
-@triton.jit(do_not_specialize=_RUNTIME_INTS)
-def _linear_grad_hidden_kernel(
-    dz_ptr, weight_ptr, acc_ptr, out_ptr,
-    N, V, H, v_begin, chunk_width, stride_dzn, stride_wv, stride_wh, stride_gn,
-    ACCUMULATE: tl.constexpr, STORE_OUT: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_V: tl.constexpr, GROUP_N: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
-    """For one (token, feature) tile: acc += dz[rows, :chunk_width] @ weight[v_begin + :chunk_width, feats]
-    (weight rows >= V read as 0, against dz's zero padding).
-
-    acc (N, H) fp32 is the running sum over vocabulary chunks: read unless ACCUMULATE is off
-    (first chunk), written back, or with STORE_OUT (last chunk) written to out (N, H) in
-    out's dtype instead. The sum never passes through a 16-bit value."""
-    num_n = tl.cdiv(N, BLOCK_N)
-    pid_n, pid_h = _tile_coords(tl.program_id(0), num_n, tl.cdiv(H, BLOCK_H), GROUP_N)
-    rows = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    feats = pid_h.to(tl.int64) * BLOCK_H + tl.arange(0, BLOCK_H)
-    row_ok = rows < N
-    feat_ok = feats < H
-    tile = rows[:, None] * stride_gn + feats[None, :]
-    tile_ok = row_ok[:, None] & feat_ok[None, :]
-    if ACCUMULATE:
-        acc = tl.load(acc_ptr + tile, mask=tile_ok, other=0.0)
-    else:
-        acc = tl.zeros((BLOCK_N, BLOCK_H), dtype=tl.float32)
-
-    ks = tl.arange(0, BLOCK_V)
-    dz_ptrs = dz_ptr + rows[:, None] * stride_dzn + ks[None, :]  # (BLOCK_N, BLOCK_V)
-    vocab = v_begin + ks.to(tl.int64)  # int64 before the product: V * H may pass 2^31
-    w_ptrs = weight_ptr + vocab[:, None] * stride_wv + feats[None, :] * stride_wh  # (BLOCK_V, BLOCK_H)
-    for k in range(0, chunk_width, BLOCK_V):
-        a = tl.load(dz_ptrs, mask=row_ok[:, None] & (ks < chunk_width - k)[None, :], other=0.0)
-        b = tl.load(w_ptrs, mask=(vocab < V - k)[:, None] & feat_ok[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
-        dz_ptrs += BLOCK_V
-        w_ptrs += BLOCK_V * stride_wv
-
-    if STORE_OUT:
-        tl.store(out_ptr + tile, acc.to(out_ptr.dtype.element_ty), mask=tile_ok)
-    else:
-        tl.store(acc_ptr + tile, acc, mask=tile_ok)
-
-
-@triton.jit(do_not_specialize=_RUNTIME_INTS)
-def _linear_grad_weight_kernel(
-    dz_ptr, hidden_ptr, grad_weight_ptr,
-    N, V, H, v_begin, chunk_width, stride_dzn, stride_hn, stride_hh, stride_gv,
-    BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_V: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
-    """For one (column, feature) tile of the chunk: reads dz[:, cols] and hidden[:, feats] over
-    all N tokens; writes grad_weight[v_begin + cols, feats] = dz[:, cols].T @ hidden[:, feats]
-    in grad_weight's dtype (rows < V). The token sum is one fp32 accumulator, owned by this program.
-    Inactive tokens have dz = 0; their hidden rows are still read here (O(N * H), and a mask load
-    per step spills the fp32 variant), so they must be finite, as a model's hidden states are."""
-    pid_v, pid_h = _tile_coords(tl.program_id(0), tl.cdiv(chunk_width, BLOCK_V), tl.cdiv(H, BLOCK_H), GROUP_V)
-    local = pid_v.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
-    feats = pid_h.to(tl.int64) * BLOCK_H + tl.arange(0, BLOCK_H)
-    col_ok = local < chunk_width
-    feat_ok = feats < H
-
-    ks = tl.arange(0, BLOCK_N).to(tl.int64)
-    dz_ptrs = dz_ptr + ks[None, :] * stride_dzn + local[:, None]  # (BLOCK_V, BLOCK_N) = dz^T
-    h_ptrs = hidden_ptr + ks[:, None] * stride_hn + feats[None, :] * stride_hh  # (BLOCK_N, BLOCK_H)
-    acc = tl.zeros((BLOCK_V, BLOCK_H), dtype=tl.float32)
-    for k in range(0, N, BLOCK_N):
-        k_ok = ks < N - k
-        a = tl.load(dz_ptrs, mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(h_ptrs, mask=k_ok[:, None] & feat_ok[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
-        dz_ptrs += BLOCK_N * stride_dzn
-        h_ptrs += BLOCK_N * stride_hn
-
-    vocab = v_begin + local
-    out = grad_weight_ptr + vocab[:, None] * stride_gv + feats[None, :]
-    tl.store(out, acc.to(grad_weight_ptr.dtype.element_ty), mask=(vocab < V)[:, None] & feat_ok[None, :])
-
-
-# ----------------------------------------------------------------------------------------------
-# Launch configuration
-# ----------------------------------------------------------------------------------------------
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Extra memory the chunk may take by default (the fp32 logits chunk; dz lives inside it).
+MEMORY_BUDGET = 480 * 2**20
+# Rows per chunk: a multiple of ROW_QUANTUM, at least MIN_CHUNK_ROWS (smaller products lose the
+# tensor cores' efficiency), at most MAX_CHUNK_ROWS (more rows buy nothing once the GEMMs are large).
+ROW_QUANTUM = 128
+MIN_CHUNK_ROWS = 256
+MAX_CHUNK_ROWS = 4096
+
+# Values that change per chunk or per batch: never specialised, so one compiled kernel serves all.
+_RUNTIME_INTS = ["vocab_start"]
+_PER_ROW_POINTERS = ["ids_ptr", "active_ptr", "temperature_ptr", "out0_ptr", "out1_ptr", "out2_ptr", "out3_ptr",
+                     "out4_ptr", "m_ptr", "log_sum_ptr", "mean_rel_ptr", "c_ptr", "e_ptr"]
 
 
-@dataclass(frozen=True)
-class GemmTiles:
-    """Tile of one GEMM-shaped kernel: output block_m x block_n, contraction steps of block_k."""
+@triton.jit
+def _row_setup(row, active_ptr, temperature_ptr, inv_temperature,
+               HAS_ACTIVE: tl.constexpr, PER_ROW_TEMPERATURE: tl.constexpr):
+    """(active as 0 or 1, 1 / temperature of the row; NaN for a temperature <= 0 or not finite)."""
+    active = 1
+    if HAS_ACTIVE:
+        active = tl.load(active_ptr + row).to(tl.int32)
+    inv_t = inv_temperature
+    if PER_ROW_TEMPERATURE:
+        inv_t = inv_temperature_of(tl.load(temperature_ptr + row))
+    return active, inv_t
 
-    block_m: int
-    block_n: int
-    block_k: int
-    num_warps: int = 8
-    num_stages: int = 3
 
-    def meta(self) -> dict[str, int]:
-        return dict(num_warps=self.num_warps, num_stages=self.num_stages)
+@triton.jit
+def _logit(x_ptr, bias_ptr, cols, read, inv_t, HAS_BIAS: tl.constexpr):
+    """z = (x[cols] + bias[cols]) * inv_t in fp32; -inf where not `read`."""
+    x = tl.load(x_ptr + cols, mask=read, other=-float("inf"))
+    if HAS_BIAS:
+        x += tl.load(bias_ptr + cols, mask=read, other=0.0).to(tl.float32)
+    return x * inv_t
 
+
+@triton.jit(do_not_specialize=_RUNTIME_INTS, do_not_specialize_on_alignment=_PER_ROW_POINTERS)
+def _chunk_stats_kernel(
+    x_ptr, bias_ptr, ids_ptr, active_ptr, temperature_ptr, out0_ptr, out1_ptr, out2_ptr, out3_ptr, out4_ptr,
+    V, stride_x, vocab_start, inv_temperature,
+    HAS_BIAS: tl.constexpr, HAS_ACTIVE: tl.constexpr, PER_ROW_TEMPERATURE: tl.constexpr, PARTIAL: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    """Reads x[row, :V] fp32 (active rows only), bias, ids, active, temperature [row]; writes fp32
+    [row]: out0..4 = logprob, entropy, m, log s, u/s; PARTIAL: out0..3 = m, s, u, z_y (as the logits
+    sweep, grpo_kernels/sweep/triton.py). Inactive rows give zeros."""
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + row * stride_x
+    active, inv_t = _row_setup(row, active_ptr, temperature_ptr, inv_temperature, HAS_ACTIVE, PER_ROW_TEMPERATURE)
+    cols = tl.arange(0, BLOCK_V)
+    m = -float("inf")
+    s = 0.0
+    u = 0.0
+    for start in range(0, V * active, BLOCK_V):  # no read for an inactive row
+        z = _logit(x_row, bias_ptr, start + cols, start + cols < V, inv_t, HAS_BIAS)
+        m, s, u = online_softmax_step(m, s, u, z, 0)
+    y = tl.load(ids_ptr + row).to(tl.int64) - vocab_start
+    owned = (y >= 0) & (y < V) & (active != 0)
+    z_y = _logit(x_row, bias_ptr, y, owned, inv_t, HAS_BIAS)
+    z_y = tl.where(owned, z_y, 0.0)
+    on = active != 0
+    if PARTIAL:
+        tl.store(out0_ptr + row, tl.where(on, m, 0.0))
+        tl.store(out1_ptr + row, tl.where(on, s, 0.0))
+        tl.store(out2_ptr + row, tl.where(on, u, 0.0))
+        tl.store(out3_ptr + row, z_y)
+    else:
+        log_s = tl.log(s)
+        mean_rel = u / s
+        logprob = tl.where(owned, (z_y - m) - log_s, float("nan"))
+        tl.store(out0_ptr + row, tl.where(on, logprob, 0.0))
+        tl.store(out1_ptr + row, tl.where(on, log_s - mean_rel, 0.0))
+        tl.store(out2_ptr + row, tl.where(on, m, 0.0))
+        tl.store(out3_ptr + row, tl.where(on, log_s, 0.0))
+        tl.store(out4_ptr + row, tl.where(on, mean_rel, 0.0))
+
+
+@triton.jit(do_not_specialize=_RUNTIME_INTS, do_not_specialize_on_alignment=_PER_ROW_POINTERS)
+def _chunk_dz_kernel(
+    x_ptr, dz_ptr, bias_ptr, ids_ptr, active_ptr, temperature_ptr, m_ptr, log_sum_ptr, mean_rel_ptr, c_ptr, e_ptr,
+    V, stride_x, stride_dz, vocab_start, inv_temperature,
+    HAS_BIAS: tl.constexpr, HAS_ACTIVE: tl.constexpr, PER_ROW_TEMPERATURE: tl.constexpr, HAS_E: tl.constexpr,
+    IN_PLACE: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    """Reads x[row, :V] fp32 (active rows only), bias, ids, active, temperature, m, log s, u/s,
+    c = dL/dlogprob and e = dL/dentropy [row]; writes dz[row, :V] = dL/d(hidden @ W.T + b) in dz's
+    dtype (zeros for an inactive row). With IN_PLACE dz[row] occupies the first bytes of x[row]:
+    a barrier after each block's load orders every read of the block before any write
+    (module docstring)."""
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + row * stride_x
+    dz_row = dz_ptr + row * stride_dz
+    active, inv_t = _row_setup(row, active_ptr, temperature_ptr, inv_temperature, HAS_ACTIVE, PER_ROW_TEMPERATURE)
+    on = active != 0
+    cols = tl.arange(0, BLOCK_V)
+    y = tl.load(ids_ptr + row).to(tl.int64) - vocab_start
+    m = tl.load(m_ptr + row)
+    log_s = tl.load(log_sum_ptr + row)
+    # The 1/temperature of dz/d(pre-temperature logits) folds into the per-row coefficients.
+    c = tl.load(c_ptr + row) * inv_t
+    if HAS_E:
+        e = tl.load(e_ptr + row) * inv_t
+        mean_rel = tl.load(mean_rel_ptr + row)
+    owned = (y >= 0) & (y < V) & on
+    # c (onehot - p) at the target is -c expm1(log p_y), once per row: exact for a confident token.
+    target = -c * expm1((_logit(x_row, bias_ptr, y, owned, inv_t, HAS_BIAS) - m) - log_s)
+    for start in range(0, V, BLOCK_V):
+        in_row = start + cols < V
+        z = _logit(x_row, bias_ptr, start + cols, start + cols < V * active, inv_t, HAS_BIAS)
+        if IN_PLACE:
+            tl.debug_barrier()
+        z_rel = z - m
+        p = tl.exp(z_rel - log_s)
+        g = tl.where(start + cols == y, target, -c * p)
+        if HAS_E:
+            # dH/dz = p (E_p[z] - z); where p is 0 (a -inf logit) the term is 0, not 0 * inf.
+            g += e * p * tl.where(p > 0.0, mean_rel - z_rel, 0.0)
+        g = tl.where(on, g, 0.0)
+        tl.store(dz_row + start + cols, g.to(dz_ptr.dtype.element_ty), mask=in_row)
+
+
+# ----------------------------------------------------------------------------------------------
+# Configuration
+# ----------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class LinearConfig:
-    """Tiles of the four kernels and the width of the backward's vocabulary chunks.
+    """chunk_rows: tokens per chunk (the fp32 chunk is chunk_rows x V x 4 bytes);
+    inplace_dz: dz written into the chunk's storage (else a chunk_rows x V scratch in the inputs' dtype);
+    fp32_weight_accumulator: grad_weight summed over the chunks in fp32 (4 V H bytes more; for
+    measurements) instead of in its own dtype; block_v, num_warps: the row kernels' block."""
 
-    logits:       tokens x vocabulary tiles, contracting the hidden size (forward and dz kernels)
-    grad_hidden:  tokens x features tiles, contracting a chunk of the vocabulary
-    grad_weight:  vocabulary x features tiles, contracting the tokens
-    vocab_chunk:  columns per forward chunk and per backward dz scratch (N x vocab_chunk);
-                  a multiple of the logits tile's vocabulary width
-    group:        tiles per L2 group in the grouped launch order
-    """
-
-    logits: GemmTiles
-    grad_hidden: GemmTiles
-    grad_weight: GemmTiles
-    vocab_chunk: int
-    group: int = 8
+    chunk_rows: int
+    inplace_dz: bool = True
+    fp32_weight_accumulator: bool = False
+    block_v: int = 4096
+    num_warps: int = 8
 
     def __post_init__(self) -> None:
-        for tiles in (self.logits, self.grad_hidden, self.grad_weight):
-            # tl.dot needs every tile dimension >= 16; powers of two for tl.arange.
-            for size in (tiles.block_m, tiles.block_n, tiles.block_k):
-                if size < 16 or size & (size - 1):
-                    raise ValueError(f"tile sizes must be powers of two >= 16, got {tiles}")
-        if self.vocab_chunk <= 0 or self.vocab_chunk % self.logits.block_n:
-            raise ValueError(f"vocab_chunk ({self.vocab_chunk}) must be a positive multiple of the logits "
-                             f"tile's vocabulary width ({self.logits.block_n})")
+        if self.chunk_rows < 1:
+            raise ValueError(f"chunk_rows must be >= 1, got {self.chunk_rows}")
+        if self.block_v < 16 or self.block_v & (self.block_v - 1):
+            raise ValueError(f"block_v must be a power of two >= 16, got {self.block_v}")
+
+
+def default_chunk_rows(V: int, budget: int = MEMORY_BUDGET) -> int:
+    """The most rows whose fp32 chunk fits `budget`, in multiples of ROW_QUANTUM, within
+    [MIN_CHUNK_ROWS, MAX_CHUNK_ROWS]: 768 at V = 151,936. Depends on V only, not on the batch (cuBLAS
+    may still pick another algorithm for a shorter last chunk, so a token's log-prob is not promised
+    bitwise the same in every batch, as it was with our own tl.dot tiles)."""
+    rows = budget // (4 * max(V, 1)) // ROW_QUANTUM * ROW_QUANTUM
+    return max(MIN_CHUNK_ROWS, min(MAX_CHUNK_ROWS, rows))
 
 
 def default_config(N: int, V: int, H: int, dtype: torch.dtype) -> LinearConfig:
-    """Tiles by dtype; a vocabulary chunk about as wide as the hidden size, so the dz scratch
-    (N x vocab_chunk) is about the size of the hidden states. Independent of N: a token's
-    results never depend on the batch around it."""
-    if dtype == torch.float32:  # IEEE fp32 dots run on the FMA units: the largest tile that compiles without spills
-        tiles = GemmTiles(32, 64, 32, num_warps=4, num_stages=2)
-    else:  # starting points for the tensor cores; tuned on the GPU
-        tiles = GemmTiles(128, 128, 64, num_warps=8, num_stages=3)
-    # 16-bit logits tiles of 64 vocabulary columns: 128 spill the dz tile with the entropy gradient
-    # or a per-token temperature (sm_80 and sm_90, triton 3.6 and 3.9; the AOT test checks).
-    logits = tiles if dtype == torch.float32 else GemmTiles(128, 64, 64, num_warps=8, num_stages=3)
-    chunk = max(1024, triton.cdiv(H, 1024) * 1024)
-    chunk = min(chunk, triton.cdiv(V, logits.block_n) * logits.block_n)
-    return LinearConfig(logits=logits, grad_hidden=tiles, grad_weight=tiles, vocab_chunk=chunk)
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    # torch computes fp32 matmuls in full precision by default; tf32 would cost ~1e-3 relative.
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
-def forward_launch(hidden, weight, bias, ids, temperature, active, stats, config: LinearConfig, vocab_start=0):
-    """(kernel, grid, args, meta) of the forward sweep writing stats (4, num_chunks, N)."""
-    N, H = hidden.shape
-    V = weight.shape[0]
-    t = config.logits
-    grid = (triton.cdiv(N, t.block_m) * triton.cdiv(V, config.vocab_chunk),)
-    temp_arg, active_arg, inv, flags = row_args(ids, temperature, active)
-    args = (hidden, weight, hidden if bias is None else bias, ids, active_arg, temp_arg, stats, N, V, H,
-            *hidden.stride(), *weight.stride(), vocab_start, inv)
-    meta = dict(HAS_BIAS=bias is not None, BLOCK_N=t.block_m, BLOCK_V=t.block_n, BLOCK_H=t.block_k,
-                VOCAB_CHUNK=config.vocab_chunk, GROUP_N=config.group, DOT_PRECISION=_dot_precision(hidden.dtype),
-                **flags, **t.meta())
-    return _linear_fwd_kernel, grid, args, meta
-
-
-def _padded_width(V: int, v_begin: int, config: LinearConfig) -> int:
-    """Columns of the chunk starting at v_begin, rounded up to whole vocabulary tiles."""
-    width = min(config.vocab_chunk, V - v_begin)
-    return triton.cdiv(width, config.logits.block_n) * config.logits.block_n
-
-
-def dz_launch(hidden, weight, bias, ids, temperature, active, m, log_sum, mean_rel, grad_logprobs, grad_entropy, dz,
-              bias_partial, v_begin: int, config: LinearConfig, vocab_start=0):
-    """(kernel, grid, args, meta) writing dz[:, :chunk_width] (and bias_partial) for the chunk at v_begin."""
-    N, H = hidden.shape
-    V = weight.shape[0]
-    chunk_width = _padded_width(V, v_begin, config)
-    t = config.logits
-    grid = (triton.cdiv(N, t.block_m) * triton.cdiv(chunk_width, t.block_n),)
-    temp_arg, active_arg, inv, flags = row_args(ids, temperature, active)
-    args = (hidden, weight, hidden if bias is None else bias, ids, active_arg, temp_arg, m, log_sum, mean_rel,
-            grad_logprobs, grad_logprobs if grad_entropy is None else grad_entropy, dz,
-            m if bias_partial is None else bias_partial,
-            N, V, H, v_begin, chunk_width, *hidden.stride(), *weight.stride(), dz.stride(0),
-            0 if bias_partial is None else bias_partial.stride(0), vocab_start, inv)
-    meta = dict(HAS_BIAS=bias is not None, BIAS_GRAD=bias_partial is not None,
-                HAS_GRAD_ENTROPY=grad_entropy is not None, BLOCK_N=t.block_m, BLOCK_V=t.block_n, BLOCK_H=t.block_k,
-                GROUP_N=config.group, DOT_PRECISION=_dot_precision(hidden.dtype), **flags, **t.meta())
-    return _linear_dz_kernel, grid, args, meta
-
-
-def grad_hidden_launch(dz, weight, acc, out, v_begin: int, first: bool, last: bool, config: LinearConfig):
-    """(kernel, grid, args, meta) adding dz @ weight[chunk at v_begin] to the fp32 sum acc (N, H)."""
-    N, H = out.shape
-    V = weight.shape[0]
-    t = config.grad_hidden
-    grid = (triton.cdiv(N, t.block_m) * triton.cdiv(H, t.block_n),)
-    args = (dz, weight, acc, out, N, V, H, v_begin, _padded_width(V, v_begin, config), dz.stride(0),
-            *weight.stride(), out.stride(0))
-    meta = dict(ACCUMULATE=not first, STORE_OUT=last, BLOCK_N=t.block_m, BLOCK_H=t.block_n, BLOCK_V=t.block_k,
-                GROUP_N=config.group, DOT_PRECISION=_dot_precision(dz.dtype), **t.meta())
-    return _linear_grad_hidden_kernel, grid, args, meta
-
-
-def grad_weight_launch(dz, hidden, grad_weight, v_begin: int, config: LinearConfig):
-    """(kernel, grid, args, meta) writing the rows of grad_weight in the chunk at v_begin."""
-    N, H = hidden.shape
-    V = grad_weight.shape[0]
-    chunk_width = _padded_width(V, v_begin, config)
-    t = config.grad_weight
-    grid = (triton.cdiv(chunk_width, t.block_m) * triton.cdiv(H, t.block_n),)
-    args = (dz, hidden, grad_weight, N, V, H, v_begin, chunk_width, dz.stride(0), *hidden.stride(),
-            grad_weight.stride(0))
-    meta = dict(BLOCK_V=t.block_m, BLOCK_H=t.block_n, BLOCK_N=t.block_k, GROUP_V=config.group,
-                DOT_PRECISION=_dot_precision(dz.dtype), **t.meta())
-    return _linear_grad_weight_kernel, grid, args, meta
+    block_v = min(triton.next_power_of_2(max(V, 16)), 4096)
+    return LinearConfig(chunk_rows=default_chunk_rows(V), block_v=block_v, num_warps=8 if block_v >= 2048 else 4)
 
 
 # ----------------------------------------------------------------------------------------------
-# The backend contract
+# Launches (each returns (kernel, grid, args, meta); tests compile them ahead of time)
+# ----------------------------------------------------------------------------------------------
+
+def stats_launch(x, bias, ids, temperature, active, outs, config: LinearConfig, vocab_start=0, partial=False):
+    """The stats kernel over the rows of x (n, V) fp32; ids, temperature (if per row), active and
+    the outputs are this chunk's (n,) slices."""
+    n, V = x.shape
+    temp_arg, active_arg, inv, flags = row_args(ids, temperature, active)
+    outs = list(outs) + [outs[0]] * (5 - len(outs))
+    args = (x, x if bias is None else bias, ids, active_arg, temp_arg, *outs, V, x.stride(0), vocab_start, inv)
+    meta = dict(HAS_BIAS=bias is not None, PARTIAL=partial, BLOCK_V=config.block_v, num_warps=config.num_warps,
+                **flags)
+    return _chunk_stats_kernel, (n,), args, meta
+
+
+def dz_launch(x, dz, bias, ids, temperature, active, m, log_sum, mean_rel, c, e, config: LinearConfig,
+              vocab_start=0):
+    """The dz kernel: x (n, V) fp32 -> dz (n, V) (a view of x's storage when in place)."""
+    n, V = x.shape
+    temp_arg, active_arg, inv, flags = row_args(ids, temperature, active)
+    in_place = dz.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
+    args = (x, dz, x if bias is None else bias, ids, active_arg, temp_arg, m, log_sum, mean_rel, c,
+            c if e is None else e, V, x.stride(0), dz.stride(0), vocab_start, inv)
+    meta = dict(HAS_BIAS=bias is not None, HAS_E=e is not None, IN_PLACE=in_place, BLOCK_V=config.block_v,
+                num_warps=config.num_warps, **flags)
+    return _chunk_dz_kernel, (n,), args, meta
+
+
+# ----------------------------------------------------------------------------------------------
+# The products: cuBLAS on CUDA; on the CPU (Triton's interpreter, tests) the same fp32 arithmetic
+# ----------------------------------------------------------------------------------------------
+
+# Whether torch.mm(..., out_dtype=torch.float32, out=...) exists here (torch's aten::mm.dtype_out).
+_MM_DTYPE_OUT = True
+
+
+def _on_cuda(t: torch.Tensor) -> bool:
+    return t.device.type == "cuda"
+
+
+def _logits_gemm(h: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, w32: torch.Tensor | None) -> None:
+    """out (n, V) fp32 = h @ weight.T with fp32 accumulation and output (cuBLAS: 16-bit inputs, fp32
+    output; never rounded to 16 bits). w32: the fp32 weight for the CPU path."""
+    global _MM_DTYPE_OUT
+    if h.dtype == torch.float32:
+        torch.mm(h, weight.T, out=out)
+    elif _on_cuda(h):
+        if _MM_DTYPE_OUT:
+            try:
+                torch.mm(h, weight.T, out_dtype=torch.float32, out=out)
+                return
+            except (RuntimeError, TypeError):  # a torch without the out= form: a temporary instead
+                _MM_DTYPE_OUT = False
+        out.copy_(torch.mm(h, weight.T, out_dtype=torch.float32))
+    else:  # products of 16-bit values are exact in fp32: the same arithmetic as cuBLAS's
+        torch.mm(h.float(), w32.T, out=out)
+
+
+def _dz_gemm(dz: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, w32: torch.Tensor | None) -> None:
+    """out (n, H) = dz @ weight, fp32 accumulation over the vocabulary, one rounding to out's dtype."""
+    if _on_cuda(dz) or dz.dtype == torch.float32:
+        torch.mm(dz, weight, out=out)
+    else:
+        out.copy_(dz.float() @ w32)
+
+
+def _weight_update(acc: torch.Tensor, dz: torch.Tensor, h: torch.Tensor, first: bool) -> None:
+    """acc (V, H) (+)= dz.T @ h: the chunk's product in fp32, added to acc and rounded once to
+    acc's dtype (cuBLAS's beta = 1)."""
+    if _on_cuda(dz) and acc.dtype == dz.dtype:
+        if first:
+            torch.mm(dz.T, h, out=acc)
+        else:
+            acc.addmm_(dz.T, h)
+    elif _on_cuda(dz):  # an fp32 accumulator of 16-bit products
+        if first:
+            torch.mm(dz.T, h, out_dtype=torch.float32, out=acc)
+        else:
+            torch.addmm(acc, dz.T, h, out_dtype=torch.float32, out=acc)
+    else:
+        part = dz.float().T @ h.float()
+        acc.copy_(part if first else acc.float() + part)
+
+
+# ----------------------------------------------------------------------------------------------
+# The chunk loop
 # ----------------------------------------------------------------------------------------------
 
 def _check_supported(hidden: torch.Tensor, weight: torch.Tensor) -> None:
@@ -441,32 +314,123 @@ def _check_supported(hidden: torch.Tensor, weight: torch.Tensor) -> None:
     if weight.dtype != hidden.dtype:
         raise TypeError(f"lm_head_weight ({weight.dtype}) must have the hidden states' dtype ({hidden.dtype})")
     if weight.stride(1) != 1 or hidden.stride(1) != 1:
-        # Any row stride works; contiguous features are what the tensor-core loads assume.
         raise ValueError("hidden and lm_head_weight must be contiguous along the hidden dimension")
 
+
+class _Chunks:
+    """One fp32 chunk buffer and the row kernels over it, for a call's hidden, weight and rows."""
+
+    def __init__(self, hidden, weight, bias, ids, temperature, active, config: LinearConfig | None, vocab_start):
+        _check_supported(hidden, weight)
+        N, H = hidden.shape
+        V = weight.shape[0]
+        self.config = config or default_config(N, V, H, hidden.dtype)
+        self.hidden, self.weight, self.bias, self.vocab_start = hidden, weight, bias, vocab_start
+        self.ids, self.temperature, self.active = ids.contiguous(), temperature, active
+        self.N, self.V = N, V
+        rows = min(self.config.chunk_rows, max(N, 1))
+        self.x = torch.empty((rows, V), dtype=torch.float32, device=hidden.device)
+        self.scratch = None
+        if not self.config.inplace_dz:
+            self.scratch = torch.empty((rows, V), dtype=hidden.dtype, device=hidden.device)
+        self.w32 = None if _on_cuda(hidden) or hidden.dtype == torch.float32 else weight.float()
+
+    def ranges(self):
+        n = self.config.chunk_rows
+        for r0 in range(0, self.N, n):
+            yield r0, min(r0 + n, self.N)
+
+    def _rows(self, r0, r1):
+        t = self.temperature
+        return (self.ids[r0:r1], t[r0:r1] if isinstance(t, torch.Tensor) else t,
+                None if self.active is None else self.active[r0:r1])
+
+    def logits(self, r0, r1) -> torch.Tensor:
+        x = self.x[: r1 - r0]
+        _logits_gemm(self.hidden[r0:r1], self.weight, x, self.w32)
+        return x
+
+    def stats(self, x, r0, r1, outs, partial=False) -> None:
+        ids, t, active = self._rows(r0, r1)
+        kernel, grid, args, meta = stats_launch(x, self.bias, ids, t, active, [o[r0:r1] for o in outs], self.config,
+                                                self.vocab_start, partial)
+        kernel[grid](*args, **meta)
+
+    def dz(self, x, r0, r1, m, log_sum, mean_rel, c, e) -> torch.Tensor:
+        n = r1 - r0
+        if self.config.inplace_dz:
+            dz = x.view(self.hidden.dtype)[:, : self.V] if x.dtype != self.hidden.dtype else x
+        else:
+            dz = self.scratch[:n]
+        ids, t, active = self._rows(r0, r1)
+        kernel, grid, args, meta = dz_launch(x, dz, self.bias, ids, t, active, m, log_sum, mean_rel, c, e,
+                                             self.config, self.vocab_start)
+        kernel[grid](*args, **meta)
+        return dz
+
+
+class _Grads:
+    """grad_hidden, grad_weight and grad_bias being accumulated chunk by chunk."""
+
+    def __init__(self, chunks: _Chunks, needs_grad):
+        hidden, weight, bias = chunks.hidden, chunks.weight, chunks.bias
+        needs_hidden, needs_weight, needs_bias = needs_grad
+        device = hidden.device
+        self.chunks = chunks
+        self.hidden = torch.empty_like(hidden) if needs_hidden else None
+        self.weight = torch.empty_like(weight) if needs_weight else None
+        self.acc = self.weight
+        if self.weight is not None and chunks.config.fp32_weight_accumulator and weight.dtype != torch.float32:
+            self.acc = torch.empty(weight.shape, dtype=torch.float32, device=device)
+        self.bias = torch.zeros(bias.shape, dtype=torch.float32, device=device) if needs_bias and bias is not None \
+            else None
+        self.first = True
+
+    @property
+    def any(self) -> bool:
+        return self.hidden is not None or self.weight is not None or self.bias is not None
+
+    def add(self, dz, r0, r1) -> None:
+        c = self.chunks
+        if self.hidden is not None:
+            _dz_gemm(dz, c.weight, self.hidden[r0:r1], c.w32)
+        if self.acc is not None:
+            _weight_update(self.acc, dz, c.hidden[r0:r1], self.first)
+        if self.bias is not None:
+            self.bias += dz.sum(0, dtype=torch.float32)
+        self.first = False
+
+    def result(self, bias_like):
+        if self.first:  # no rows: zero gradients
+            for g in (self.hidden, self.acc):
+                if g is not None:
+                    g.zero_()
+        weight = self.weight
+        if weight is not None and self.acc is not weight:
+            weight.copy_(self.acc)
+        bias = None if self.bias is None else self.bias.to(bias_like.dtype)
+        return self.hidden, weight, bias
+
+
+def _stat_outputs(N, device, count):
+    return tuple(torch.empty(N, dtype=torch.float32, device=device) for _ in range(count))
+
+
+# ----------------------------------------------------------------------------------------------
+# The backend contract (docs/design.md) and the three-GEMM forward
+# ----------------------------------------------------------------------------------------------
 
 def forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ids: torch.Tensor,
             temperature, active: torch.Tensor | None = None, vocab_start: int = 0, partial: bool = False, *,
             config: LinearConfig | None = None):
     """hidden (N, H), weight (V, H), bias (V,) | None, ids (N,) -> the five (N,) fp32 numbers of the
-    sweep contract (docs/design.md), or with partial this shard's (m, s, u, z_y)."""
-    _check_supported(hidden, weight)
-    N, H = hidden.shape
-    V = weight.shape[0]
-    config = config or default_config(N, V, H, hidden.dtype)
-    ids = ids.contiguous()
-    stats = torch.empty((4, triton.cdiv(V, config.vocab_chunk), N), dtype=torch.float32, device=hidden.device)
-    if N > 0:
-        # The forward reads inactive rows' hidden states (O(N * H); a row-mask load spills the
-        # 16-bit tile on sm_80) and finish() zeroes their outputs; the backward skips them.
-        kernel, grid, args, meta = forward_launch(hidden, weight, bias, ids, temperature, None, stats, config,
-                                                  vocab_start)
-        kernel[grid](*args, **meta)
-    merged = merge_chunks(stats)
-    if partial:
-        return merged
-    local = ids - vocab_start
-    return finish(*merged, owned=(local >= 0) & (local < V), active=active)
+    sweep contract, or with partial this shard's (m, s, u, z_y). One fp32 GEMM + one row pass per chunk."""
+    chunks = _Chunks(hidden, weight, bias, ids, temperature, active, config, vocab_start)
+    outs = _stat_outputs(chunks.N, hidden.device, 4 if partial else 5)
+    with torch.autocast(hidden.device.type, enabled=False):
+        for r0, r1 in chunks.ranges():
+            chunks.stats(chunks.logits(r0, r1), r0, r1, outs, partial)
+    return outs
 
 
 def backward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ids: torch.Tensor,
@@ -474,57 +438,44 @@ def backward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
              mean_rel: torch.Tensor, grad_logprobs: torch.Tensor | None, grad_entropy: torch.Tensor | None, *,
              needs_grad: tuple[bool, bool, bool] = (True, True, True), vocab_start: int = 0,
              config: LinearConfig | None = None):
-    """-> (grad_hidden, grad_weight, grad_bias) in their inputs' dtypes (None where not needed)."""
-    _check_supported(hidden, weight)
-    N, H = hidden.shape
-    V = weight.shape[0]
-    config = config or default_config(N, V, H, hidden.dtype)
-    device = hidden.device
-    needs_hidden, needs_weight, needs_bias = needs_grad
-    grad_hidden = torch.empty((N, H), dtype=hidden.dtype, device=device) if needs_hidden else None
-    grad_weight = torch.empty((V, H), dtype=weight.dtype, device=device) if needs_weight else None
-    grad_bias = torch.empty((V,), dtype=bias.dtype, device=device) if needs_bias and bias is not None else None
-    if N == 0 or grad_hidden is grad_weight is grad_bias is None:
-        for grad in (grad_hidden, grad_weight, grad_bias):
-            if grad is not None:
-                grad.zero_()
-        return grad_hidden, grad_weight, grad_bias
+    """-> (grad_hidden, grad_weight, grad_bias) in their inputs' dtypes (None where not needed): the
+    logits recomputed per chunk (the fourth GEMM-equivalent), then dz and the two gradient products."""
+    chunks = _Chunks(hidden, weight, bias, ids, temperature, active, config, vocab_start)
+    grads = _Grads(chunks, needs_grad)
+    if grads.any and chunks.N > 0:
+        # The (N,) upstream gradients may arrive expanded or in float64: plain fp32 rows.
+        c = torch.zeros_like(m) if grad_logprobs is None else grad_logprobs.float().contiguous()
+        e = None if grad_entropy is None else grad_entropy.float().contiguous()
+        m, log_sum, mean_rel = (t.float().contiguous() for t in (m, log_sum, mean_rel))
+        with torch.autocast(hidden.device.type, enabled=False):
+            for r0, r1 in chunks.ranges():
+                x = chunks.logits(r0, r1)
+                dz = chunks.dz(x, r0, r1, m[r0:r1], log_sum[r0:r1], mean_rel[r0:r1], c[r0:r1],
+                               None if e is None else e[r0:r1])
+                grads.add(dz, r0, r1)
+    return grads.result(bias)
 
-    ids = ids.contiguous()
-    # The (N,) upstream gradients may arrive expanded or in float64: make them plain fp32.
-    grad_logprobs = torch.zeros_like(m) if grad_logprobs is None else grad_logprobs.float().contiguous()
-    grad_entropy = None if grad_entropy is None else grad_entropy.float().contiguous()
-    chunk = config.vocab_chunk
-    # One chunk of dz, whole tiles wide (its padding columns hold zeros).
-    scratch_width = _padded_width(V, 0, config)
-    dz = torch.empty((N, scratch_width), dtype=hidden.dtype, device=device)
-    # The fp32 running sum of grad_hidden across chunks; an fp32 output is its own accumulator,
-    # and a single chunk needs none.
-    acc = None
-    if grad_hidden is not None:
-        acc = grad_hidden if hidden.dtype == torch.float32 or V <= chunk else torch.empty(
-            (N, H), dtype=torch.float32, device=device)
-    bias_partial = None
-    if grad_bias is not None:
-        bias_partial = torch.empty((triton.cdiv(N, config.logits.block_m), scratch_width), dtype=torch.float32,
-                                   device=device)
 
-    last = triton.cdiv(V, chunk) - 1
-    for i, (v_begin, v_end) in enumerate(vocab_chunks(V, chunk)):
-        # Inactive rows have c = e = 0 (the loss weighs them by a zero mask), so their dz is 0
-        # without a row-mask load, which spills the 16-bit dz tile on sm_80.
-        kernel, grid, args, meta = dz_launch(hidden, weight, bias, ids, temperature, None, m, log_sum, mean_rel,
-                                             grad_logprobs, grad_entropy, dz, bias_partial, v_begin, config,
-                                             vocab_start)
-        kernel[grid](*args, **meta)
-        if grad_hidden is not None:
-            kernel, grid, args, meta = grad_hidden_launch(dz, weight, acc, grad_hidden, v_begin, i == 0, i == last,
-                                                          config)
-            kernel[grid](*args, **meta)
-        if grad_weight is not None:
-            kernel, grid, args, meta = grad_weight_launch(dz, hidden, grad_weight, v_begin, config)
-            kernel[grid](*args, **meta)
-        if grad_bias is not None:
-            # A fixed-order sum over token tiles of fp32 partials: deterministic.
-            grad_bias[v_begin:v_end] = bias_partial[:, :v_end - v_begin].sum(0)
-    return grad_hidden, grad_weight, grad_bias
+def fused_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ids: torch.Tensor,
+                  temperature, active: torch.Tensor | None, coefficients, *,
+                  needs_grad: tuple[bool, bool, bool] = (True, True, True), config: LinearConfig | None = None):
+    """Three GEMM-equivalents for a token-local loss: per chunk of rows [r0, r1), the fp32 logits,
+    their statistics, `coefficients(r0, logprobs[r0:r1], entropy[r0:r1]) -> (c, e)` (dL/dlogprob and
+    dL/dentropy of those rows, e may be None), dz and both gradient products.
+
+    Returns (logprobs, entropy, grad_hidden, grad_weight, grad_bias): the gradients are complete,
+    for the upstream gradient the coefficients assumed (None where not needed). The callback is
+    called once per chunk, in row order, also when no gradient is needed."""
+    chunks = _Chunks(hidden, weight, bias, ids, temperature, active, config, 0)
+    grads = _Grads(chunks, needs_grad)
+    logprobs, entropy, m, log_sum, mean_rel = outs = _stat_outputs(chunks.N, hidden.device, 5)
+    with torch.autocast(hidden.device.type, enabled=False):
+        for r0, r1 in chunks.ranges():
+            x = chunks.logits(r0, r1)
+            chunks.stats(x, r0, r1, outs)
+            c, e = coefficients(r0, logprobs[r0:r1], entropy[r0:r1])
+            if grads.any:
+                dz = chunks.dz(x, r0, r1, m[r0:r1], log_sum[r0:r1], mean_rel[r0:r1], c.float().contiguous(),
+                               None if e is None else e.float().contiguous())
+                grads.add(dz, r0, r1)
+    return (logprobs, entropy, *grads.result(bias))

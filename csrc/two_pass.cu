@@ -522,10 +522,12 @@ cudaError_t run(const grpo_two_pass_args& args, cudaStream_t stream) {
     int device = 0;
     cudaError_t status = cudaGetDevice(&device);
     if (status != cudaSuccess) return status;
-    int blocks = 0;
-    size_t smem = 0;
-    status = plan<scalar_t>(args.V, device, args.cluster_size, &blocks, &smem, nullptr, 0);
-    if (status != cudaSuccess) return status;
+    int blocks = args.cluster_size;
+    size_t smem = args.smem_bytes;
+    if (blocks == 0 || smem == 0) {  // not planned by the caller
+        status = plan<scalar_t>(args.V, device, args.cluster_size, &blocks, &smem, nullptr, 0);
+        if (status != cudaSuccess) return status;
+    }
     if (args.B * args.L * blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
     const bool entropy = args.has_entropy_grad != 0;
     if (blocks > 1) {

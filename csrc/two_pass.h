@@ -77,7 +77,8 @@ typedef struct {
     float* entropy;   /* (N,) */
     float* sums;      /* (7, N) */
 
-    int cluster_size; /* 0: chosen from V and the device; else 1, 2, 4, 8 or 16 */
+    int cluster_size;  /* 0: chosen from V and the device; else 1, 2, 4, 8 or 16 */
+    size_t smem_bytes; /* 0, or grpo_two_pass_plan's for this cluster_size (skips planning again) */
 } grpo_two_pass_args;
 
 /* How the kernel would run rows of V elements of `dtype` on `device`: the blocks per row (the

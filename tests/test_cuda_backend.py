@@ -528,3 +528,262 @@ def test_rejects_what_it_cannot_run(device):
     with pytest.raises(RuntimeError, match="not overlap"):
         cuda.backward(full[..., :8], ids, 1.0, None, m, log_sum, mean_rel, torch.ones(6, device=device), None,
                       full[..., 1:])
+
+
+# --- The two-pass loss (csrc/two_pass.cu) against the float64 contract ---------------------------
+#
+# grpo_kernels.cuda.two_pass: logits (B, L, V), the rows [row_start, row_start + T) of each
+# sequence scored; returns the gradient of the whole tensor and logprobs / entropy / sums. The
+# float64 contract is tests/two_pass_reference.py (torch ops only, independent of the kernel).
+
+from two_pass_reference import two_pass_reference  # noqa: E402  (tests/ is on sys.path)
+
+
+def test_two_pass_unavailable_says_why():
+    """Off a GPU (or where the kernel cannot hold the rows) the reason is a sentence, not a crash."""
+    logits = torch.randn(2, 3, 5)
+    reason = cuda.two_pass_unavailable_reason(logits)
+    assert "CUDA tensors" in reason or "not available" in reason, reason
+
+
+@pytest.fixture(scope="module")
+def two_pass_device(device):
+    """The device, once the two-pass kernel can run there at a small V; skips with its reason."""
+    reason = cuda.two_pass_unavailable_reason(torch.empty(1, 1, 64, device=device))
+    if reason:
+        pytest.skip(reason)
+    return device
+
+
+OPTION_SETS = {
+    # dapo with k3 KL: the common case.
+    "dapo_k3": dict(old=True, ref=True, rollout=False, beta=0.04, eps_low=0.2, eps_high=0.28, kl_estimator=3),
+    # Every option at once: delta, dual clip, rollout IS weights, k2 with the ratio weight, entropy bonus.
+    "everything": dict(old=True, ref=True, rollout=True, beta=0.1, eps_low=0.2, eps_high=0.2, delta=1.5,
+                       dual_clip=3.0, kl_estimator=2, kl_ratio_weight=True, has_entropy_grad=True),
+    # On-policy (no old: ratio 1), k1, entropy bonus, no KL weight.
+    "on_policy_k1": dict(old=False, ref=True, rollout=False, beta=0.02, eps_low=0.2, eps_high=0.28, kl_estimator=1,
+                         has_entropy_grad=True),
+    # No KL at all.
+    "no_kl": dict(old=True, ref=False, rollout=False, beta=0.0, eps_low=0.1, eps_high=0.3, kl_estimator=3),
+}
+
+
+def make_two_pass_inputs(B, L, V, T, row_start, dtype, device, seed, options, *, temperature="scalar",
+                         active_fraction=1.0, shifted=False):
+    """Logits (B, L, V) (rows starting off a 16-byte boundary when `shifted`) and the per-token
+    inputs of two_pass, as the keyword arguments of cuda.two_pass / two_pass_reference."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    full = (torch.randn(B, L, V + int(shifted), generator=g, device=device) * 3.0).to(dtype)
+    logits = full[..., int(shifted):]
+    N = B * T
+    ids = torch.randint(0, V, (N,), generator=g, device=device)
+    temperature_rows = None
+    inv_temperature = 1.0 / 0.7
+    if temperature == "per_row":
+        temperature_rows = 0.5 + torch.rand(N, generator=g, device=device)
+    # The true log-probs, so old / ref put the ratio around 1 (some clipped, some not).
+    t_rows = temperature_rows.double() if temperature_rows is not None else torch.full((N,), 0.7, device=device,
+                                                                                       dtype=torch.float64)
+    x = logits[:, row_start:row_start + T].reshape(N, V).double() / t_rows[:, None]
+    lp = torch.log_softmax(x, -1).gather(1, ids[:, None])[:, 0].float()
+    mask = (torch.rand(N, generator=g, device=device) < 0.85).float()
+    active = None
+    if active_fraction < 1.0:
+        active = torch.rand(N, generator=g, device=device) < active_fraction
+        active[0] = False
+        mask = mask * active.float()
+    n = max(float(mask.sum()), 1.0)
+    kw = dict(
+        logits=logits, row_start=row_start, T=T, ids=ids, inv_temperature=inv_temperature,
+        temperature_rows=temperature_rows, active=active, w=mask / n, mask=mask,
+        advantages=torch.randn(N, generator=g, device=device),
+        old_logprobs=lp + 0.3 * torch.randn(N, generator=g, device=device) if options["old"] else None,
+        ref_logprobs=lp + 0.2 * torch.randn(N, generator=g, device=device) if options["ref"] else None,
+        rollout=0.5 + torch.rand(N, generator=g, device=device) if options["rollout"] else None,
+        scalars=torch.tensor([1.0 * 1.7, -0.01 / n * 1.7], device=device),
+    )
+    kw.update({k: v for k, v in options.items() if k not in ("old", "ref", "rollout")})
+    return kw
+
+
+def check_two_pass(kw, got, want, dtype):
+    """got = cuda.two_pass's (grad, logprobs, entropy, sums), want = the float64 contract's."""
+    grad, lp, H, sums = got
+    w_grad, w_lp, w_H, w_sums = want
+    x = kw["logits"].double()
+    finite = x[torch.isfinite(x)]
+    t_min = 0.5 if kw["temperature_rows"] is not None else 0.7
+    atol = 4e-6 * (1 + (float(finite.abs().max()) if finite.numel() else 0.0) / t_min)
+    for name, a, b in (("logprobs", lp, w_lp), ("entropy", H, w_H), ("sums", sums, w_sums)):
+        assert a.dtype == torch.float32 and a.shape == b.shape, name
+        assert torch.equal(torch.isnan(a), torch.isnan(b)), name
+        ok = ~torch.isnan(b)
+        tol = atol if name != "sums" else atol * 10 * (1 + b[ok].abs())
+        assert ((a.double()[ok] - b[ok]).abs() <= tol).all(), (name, float((a.double()[ok] - b[ok]).abs().max()))
+    assert grad.dtype == dtype and grad.shape == kw["logits"].shape
+    assert torch.equal(torch.isnan(grad), torch.isnan(w_grad))
+    ok = ~torch.isnan(w_grad)
+    assert rel_err(grad[ok], w_grad[ok]) < TOL[dtype]
+    assert (grad[w_grad == 0] == 0).all()  # rows outside the window and inactive rows: exactly 0
+
+
+def run_two_pass(kw, grad=None, cluster_size=0):
+    kw = dict(kw)
+    logits = kw.pop("logits")
+    return cuda.two_pass(logits, kw.pop("row_start"), kw.pop("T"), kw.pop("ids"), kw.pop("inv_temperature"),
+                         kw.pop("temperature_rows"), kw.pop("active"), kw.pop("w"), kw.pop("mask"),
+                         kw.pop("advantages"), kw.pop("old_logprobs"), kw.pop("ref_logprobs"), kw.pop("rollout"),
+                         kw.pop("scalars"), grad=grad, cluster_size=cluster_size, **kw)
+
+
+def reference_two_pass(kw):
+    kw = dict(kw)
+    logits = kw.pop("logits")
+    return two_pass_reference(logits, kw.pop("row_start"), kw.pop("T"), kw.pop("ids"), kw.pop("inv_temperature"),
+                              kw.pop("temperature_rows"), kw.pop("active"), kw.pop("w"), kw.pop("mask"),
+                              kw.pop("advantages"), kw.pop("old_logprobs"), kw.pop("ref_logprobs"), kw.pop("rollout"),
+                              kw.pop("scalars"), **kw)
+
+
+def nan_poisoned(logits):
+    return torch.full(logits.shape, float("nan"), dtype=logits.dtype, device=logits.device)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("V", [7, 100, 4097, 32_001])
+@pytest.mark.parametrize("options", list(OPTION_SETS))
+def test_two_pass_matches_float64(two_pass_device, dtype, V, options):
+    """The model's full output (B, T + 1, V), the first T positions scored (Liger's layout), and
+    the last T (logits_to_keep), rows at every alignment; the gradient into a NaN-poisoned buffer."""
+    B, T = 3, 5
+    for seed, (L, row_start, shifted, temperature) in enumerate(
+            [(T + 1, 0, False, "scalar"), (T + 2, 2, True, "per_row"), (T, 0, True, "scalar")]):
+        kw = make_two_pass_inputs(B, L, V, T, row_start, dtype, two_pass_device, seed, OPTION_SETS[options],
+                                  temperature=temperature, shifted=shifted)
+        got = run_two_pass(kw, grad=nan_poisoned(kw["logits"]))
+        check_two_pass(kw, got, reference_two_pass(kw), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("V", [151_936, 262_144])
+def test_two_pass_long_rows(two_pass_device, dtype, V):
+    """Vocabularies that need a thread-block cluster (sm_90): every cluster size the device
+    allows gives the contract's numbers; where none can hold the row the plan says why."""
+    kw = make_two_pass_inputs(2, 4, V, 3, 1, dtype, two_pass_device, 5, OPTION_SETS["everything"],
+                              temperature="per_row", shifted=True)
+    try:
+        cuda.two_pass_plan(kw["logits"])
+    except RuntimeError as error:
+        assert "three-pass" in str(error)
+        pytest.skip(str(error))
+    want = reference_two_pass(kw)
+    check_two_pass(kw, run_two_pass(kw, grad=nan_poisoned(kw["logits"])), want, dtype)
+    for size in (1, 2, 4, 8, 16):
+        try:
+            cuda.two_pass_plan(kw["logits"], size)
+        except RuntimeError:
+            continue
+        check_two_pass(kw, run_two_pass(kw, grad=nan_poisoned(kw["logits"]), cluster_size=size), want, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shifted", [False, True])
+def test_two_pass_inactive_rows_are_never_read(two_pass_device, dtype, shifted):
+    """Inactive rows hold NaN logits, garbage ids, zero temperatures and NaN per-token inputs:
+    their outputs are exactly 0, their gradient rows 0, and the active rows are unaffected."""
+    B, L, T, V = 3, 9, 7, 4099
+    kw = make_two_pass_inputs(B, L, V, T, 1, dtype, two_pass_device, 21, OPTION_SETS["everything"],
+                              temperature="per_row", active_fraction=0.6, shifted=shifted)
+    clean = reference_two_pass(kw)
+    inactive = ~kw["active"]
+    r = inactive.nonzero()[:, 0]
+    kw["logits"][r // T, 1 + r % T] = float("nan")
+    kw["ids"][inactive] = -(10**15)
+    kw["temperature_rows"][inactive] = 0.0
+    for name in ("w", "mask", "advantages", "old_logprobs", "ref_logprobs", "rollout"):
+        kw[name][inactive] = float("nan")
+    got = run_two_pass(kw, grad=nan_poisoned(kw["logits"]))
+    check_two_pass(kw, got, clean, dtype)
+    for out in got[1:]:
+        assert (out[..., inactive] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_two_pass_in_place(two_pass_device, dtype):
+    """grad = logits: the same numbers as into a separate buffer, bitwise."""
+    kw = make_two_pass_inputs(2, 6, 32_001, 5, 0, dtype, two_pass_device, 31, OPTION_SETS["dapo_k3"])
+    apart = run_two_pass(kw, grad=nan_poisoned(kw["logits"]))
+    logits = kw["logits"]
+    inplace = run_two_pass(kw, grad=logits)
+    assert inplace[0] is logits
+    for a, b in zip(apart, inplace):
+        assert torch.equal(a, b)
+
+
+def test_two_pass_strided_output_view(two_pass_device):
+    """logits and grad as strided views of larger buffers (both leading strides padded)."""
+    dtype = torch.bfloat16
+    kw = make_two_pass_inputs(3, 6, 1000, 4, 1, dtype, two_pass_device, 41, OPTION_SETS["on_policy_k1"])
+    big = torch.randn(3, 9, 1003, device=two_pass_device).to(dtype)
+    view = big[:, 2:8, 3:]
+    view.copy_(kw["logits"])
+    kw["logits"] = view
+    grad_big = torch.full((4, 7, 1010), float("nan"), dtype=dtype, device=two_pass_device)
+    grad = grad_big[1:, 1:, 5:1005]
+    got = run_two_pass(kw, grad=grad)
+    check_two_pass(kw, got, reference_two_pass(kw), dtype)
+    assert torch.isnan(grad_big[0]).all() and torch.isnan(grad_big[:, 0]).all()  # nothing outside the view
+
+
+def test_two_pass_non_finite_inputs_poison_their_row(two_pass_device):
+    """A NaN or inf in one active row's per-token input makes its sums and gradient row NaN, never
+    a finite number; the other rows are unaffected."""
+    dtype = torch.float32
+    base = make_two_pass_inputs(2, 5, 777, 4, 1, dtype, two_pass_device, 51, OPTION_SETS["everything"])
+    for name, value in (("advantages", float("nan")), ("old_logprobs", float("inf")), ("w", float("nan")),
+                        ("ref_logprobs", -float("inf")), ("rollout", float("nan")), ("mask", float("inf"))):
+        kw = dict(base)
+        kw[name] = base[name].clone()
+        kw[name][3] = value
+        got = run_two_pass(kw, grad=nan_poisoned(kw["logits"]))
+        want = reference_two_pass(kw)
+        check_two_pass(kw, got, want, dtype)
+        assert torch.isnan(got[3][:, 3]).all(), name
+        assert torch.isnan(got[0][0, 1 + 3]).all(), name  # row 3 = b 0, position 1 + 3
+    kw = dict(base)
+    kw["ids"] = base["ids"].clone()
+    kw["ids"][2] = 777  # outside [0, V): NaN logprob, never an out-of-bounds read
+    got = run_two_pass(kw, grad=nan_poisoned(kw["logits"]))
+    assert torch.isnan(got[1][2])
+    check_two_pass(kw, got, reference_two_pass(kw), dtype)
+
+
+def test_two_pass_bitwise_deterministic(two_pass_device):
+    kw = make_two_pass_inputs(4, 9, 151_936, 8, 1, torch.bfloat16, two_pass_device, 61, OPTION_SETS["dapo_k3"])
+    reason = cuda.two_pass_unavailable_reason(kw["logits"])
+    if reason:
+        pytest.skip(reason)
+    first = run_two_pass(kw)
+    for _ in range(2):
+        for a, b in zip(first, run_two_pass(kw)):
+            assert torch.equal(a, b)
+
+
+def test_two_pass_rejects_what_it_cannot_run(two_pass_device):
+    kw = make_two_pass_inputs(2, 4, 50, 3, 1, torch.float32, two_pass_device, 71, OPTION_SETS["dapo_k3"])
+    with pytest.raises(RuntimeError, match="within the"):
+        run_two_pass(dict(kw, row_start=2))
+    with pytest.raises(RuntimeError, match="kl_estimator"):
+        run_two_pass(dict(kw, kl_estimator=4))
+    with pytest.raises(RuntimeError, match="scalars"):
+        run_two_pass(dict(kw, scalars=kw["scalars"].cpu()))
+    with pytest.raises(RuntimeError, match="w must have"):
+        run_two_pass(dict(kw, w=kw["w"][:-1]))
+    with pytest.raises(RuntimeError, match="inv_temperature"):
+        run_two_pass(dict(kw, inv_temperature=0.0))
+    with pytest.raises(TypeError, match="float32, bfloat16 or float16"):
+        run_two_pass(dict(kw, logits=kw["logits"].double()))
+    full = torch.randn(2, 4, 52, device=two_pass_device)
+    with pytest.raises(RuntimeError, match="not overlap"):
+        run_two_pass(dict(kw, logits=full[..., :50]), grad=full[..., 2:])

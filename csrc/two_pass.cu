@@ -48,6 +48,14 @@ __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem) : "memory");
 }
 
+// 2^x as one MUFU.EX2, flushing results below 2^-126 to 0 (exp2f adds three instructions per
+// call to keep them; a probability under 1e-38 is 0 to every output here). exp2(-inf) = 0.
+__device__ __forceinline__ float exp2_ftz(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+
 __device__ __forceinline__ void cp_async_wait_all() {
     asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;\n" ::: "memory");
 }
@@ -302,7 +310,7 @@ two_pass_kernel(const grpo_two_pass_args p, int blocks) {
 #pragma unroll
             for (int j = 0; j < kVec; ++j) {
                 const float d = to_float(pk.v[j]) * inv_t - shift;
-                e[j] = exp_nonpositive(d);
+                e[j] = exp2_ftz(d * kLog2e);
                 // A -inf logit adds 0 to u, not 0 * -inf; a NaN one is already in e.
                 ed[j] = e[j] * fmaxf(d, -CUDART_MAX_NORMAL_F);
             }
@@ -365,7 +373,8 @@ two_pass_kernel(const grpo_two_pass_args p, int blocks) {
     __syncthreads();
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     // This block has read the others' partials; they may exit once the gradient is written.
-    if (kCluster) asm volatile("barrier.cluster.arrive.release.aligned;\n" ::: "memory");
+    // Relaxed: the remote reads were complete when their values were merged.
+    if (kCluster) asm volatile("barrier.cluster.arrive.relaxed.aligned;\n" ::: "memory");
 #endif
 
     // Pass 2: the gradient of the slice, from shared memory, written once.
@@ -382,7 +391,7 @@ two_pass_kernel(const grpo_two_pass_args p, int blocks) {
         for (int j = 0; j < kVec; ++j) {
             // (z - m) first, exact for the large entries; then the log-sum.
             const float d = to_float(pk.v[j]) * inv_t - res.m;
-            const float pj = exp2f(d * kLog2e - log_s_log2e);
+            const float pj = exp2_ftz(d * kLog2e - log_s_log2e);
             // dH/dz = p (u / s - (z - m)); a -inf logit has p = 0 and adds 0, not 0 * inf.
             ent[j] = kEntropy ? pj * res.e * (res.mean_rel - fmaxf(d, -CUDART_MAX_NORMAL_F)) : 0.f;
             out[j] = ent[j] - res.c * pj;
@@ -393,7 +402,14 @@ two_pass_kernel(const grpo_two_pass_args p, int blocks) {
                 if (j == yl) out[j] = res.target + ent[j];
             }
         }
-        store_pack(g, k, phase, V, packed_store, out);
+        if (packed_store && k > 0 && k + 1 < packs) {  // an interior pack: whole, and aligned as the logits'
+            Pack<scalar_t> o;
+#pragma unroll
+            for (int j = 0; j < kVec; ++j) o.v[j] = from_float<scalar_t>(out[j]);
+            reinterpret_cast<Pack<scalar_t>*>(g - phase)[k] = o;
+        } else {
+            store_pack(g, k, phase, V, packed_store, out);
+        }
     }
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     if (kCluster) asm volatile("barrier.cluster.wait.acquire.aligned;\n" ::: "memory");
@@ -456,7 +472,10 @@ cudaError_t plan(int64_t V, int device, int requested, int* cluster_size, size_t
     cudaFuncAttributes attributes;
     status = cudaFuncGetAttributes(&attributes, two_pass_kernel<scalar_t, true, true>);
     if (status != cudaSuccess) return status;
-    const bool clusters = major >= 9 && attributes.binaryVersion >= 90 && attributes.ptxVersion >= 90;
+    // ptxVersion is the virtual architecture the code was compiled from: 80 for sm_90 code
+    // JIT-compiled from compute_80 PTX, whose cluster kernel is only a trap.
+    const bool clusters = major >= 9 && attributes.binaryVersion >= 90 &&
+                          (attributes.ptxVersion >= 90 || attributes.ptxVersion == 0);
     const size_t reserve = attributes.sharedSizeBytes + 64;  // the static shared memory, with room
     const size_t limit = static_cast<size_t>(optin) > reserve ? static_cast<size_t>(optin) - reserve : 0;
 

@@ -1,10 +1,10 @@
 """Build hook: the package is pure Python, plus the optional CUDA extension
 grpo_kernels._C_sweep (csrc/, see csrc/README.md), built only when nvcc and a CUDA build of
 torch are both present at build time. Otherwise the install is pure Python, without error,
-and grpo_kernels.cuda compiles csrc/ on first use where it can.
+and grpo_kernels.sweep.cuda compiles csrc/ on first use where it can.
 
 The CUDA sources also ship as package data: build_py copies csrc/*.cu, *.cuh, *.h, *.cpp into
-the built package as grpo_kernels/csrc/, where grpo_kernels.cuda looks for them first (the
+the built package as grpo_kernels/csrc/, where grpo_kernels.sweep.cuda looks for them first (the
 checkout's csrc/ second), so the first-use build works from an installed wheel too. csrc/ stays
 where it is in the repository (compile_check.sh and the extension use those paths); MANIFEST.in
 puts it in the sdist, and a wheel built from the sdist copies it the same way.
@@ -25,7 +25,7 @@ from setuptools import setup
 from setuptools.command.build_py import build_py
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-# The CUDA sources that grpo_kernels.cuda compiles on first use (and their headers).
+# The CUDA sources that grpo_kernels.sweep.cuda compiles on first use (and their headers).
 CUDA_SOURCE_PATTERNS = ("*.cu", "*.cuh", "*.h", "*.cpp")
 
 # Ampere (A100) and Hopper (H100/H200) cubins, plus compute_90 PTX that newer GPUs JIT.
@@ -62,7 +62,7 @@ def _cuda_extension_or_reason():
 class build_py_with_cuda_sources(build_py):
     """build_py, plus csrc/'s CUDA sources copied into the built package as grpo_kernels/csrc/.
 
-    Not in an editable install: there grpo_kernels.cuda finds the checkout's csrc/ itself.
+    Not in an editable install: there grpo_kernels.sweep.cuda finds the checkout's csrc/ itself.
     """
 
     def run(self):

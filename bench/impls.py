@@ -318,7 +318,7 @@ def _version(dist: str) -> str | None:
 
 def _cuda_backend_available() -> bool:
     try:
-        from grpo_kernels import cuda
+        from grpo_kernels.sweep import cuda
     except ImportError:
         return False
     return bool(cuda.is_available())
@@ -365,7 +365,7 @@ def discover(device: torch.device, requested: Sequence[str] | None = None) -> tu
                 if _cuda_backend_available():
                     impls.append(Impl(name, _ours("cuda")))
                 else:
-                    skipped[name] = "grpo_kernels.cuda is not built or not available"
+                    skipped[name] = "grpo_kernels.sweep.cuda is not built or not available"
             elif name == "liger":
                 impls.append(Impl(name, _liger_loss(), padded_input=True, inplace=True, version=liger_version))
             elif name == "trl":

@@ -36,6 +36,7 @@ import torch.distributed as dist
 
 from . import stats
 from .layout import Layout
+from .sweep.operators import sweep_backward
 
 Tensor = torch.Tensor
 
@@ -144,8 +145,8 @@ def _owned(ids: Tensor, vocab_start: int, V_local: int) -> Tensor:
 class _VocabParallelSweep(torch.autograd.Function):
     @staticmethod
     def forward(ctx, rows, ids, temperature, temperature_rows, active, vocab_start, backend, inplace, group):
-        m, s, u, z_y, _ = torch.ops.grpo_kernels.logits_sweep(rows, ids, temperature, temperature_rows, active,
-                                                              vocab_start, True, backend, inplace)
+        m, s, u, z_y, _ = torch.ops.grpo_kernels.logits_sweep(rows, 0, ids, temperature, temperature_rows, active,
+                                                              vocab_start, True, backend, inplace, True)
         logprobs, entropy, shift, log_sum, mean_rel = _sum_rows(
             m, s, u, z_y, _owned(ids, vocab_start, rows.shape[-1]), active, group)
         ctx.save_for_backward(rows, ids, temperature_rows, active, shift, log_sum, mean_rel)
@@ -157,11 +158,9 @@ class _VocabParallelSweep(torch.autograd.Function):
     def backward(ctx, grad_logprobs, grad_entropy):
         if grad_logprobs is None and grad_entropy is None or not ctx.needs_input_grad[0]:
             return (None,) * 9
-        from .ops import sweep_backward
-
         rows, ids, temperature_rows, active, shift, log_sum, mean_rel = ctx.saved_tensors
         contiguous = lambda g: None if g is None else g.to(shift.dtype).contiguous()  # noqa: E731
-        grad = sweep_backward(rows, ids, ctx.temperature, temperature_rows, active, shift, log_sum, mean_rel,
+        grad = sweep_backward(rows, 0, ids, ctx.temperature, temperature_rows, active, shift, log_sum, mean_rel,
                               contiguous(grad_logprobs), contiguous(grad_entropy), ctx.vocab_start, ctx.backend,
                               ctx.inplace)
         return (grad,) + (None,) * 8

@@ -67,11 +67,25 @@ class Layout:
 
     def logits_rows(self, logits: torch.Tensor) -> torch.Tensor:
         """The logits (or hidden states) as a (B', T', X) view of the rows, never a copy."""
+        full, row_start = self.scored_rows(logits)
+        return full.narrow(1, row_start, self.rows_per_batch(full))
+
+    def scored_rows(self, logits: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """(the logits as a (B', L, X) view, row_start): rows [row_start, row_start + T') of each
+        batch entry are the scored ones. L > T only for the model's full output (B, L, V) of the
+        padded layout, whose rows L - 1 - T .. L - 2 predict the T completion tokens (TRL's
+        logits_to_keep + 1, Liger's (B, T + 1, V)); the kernels then write the gradient of the
+        whole tensor, zeros on the other rows."""
         if logits.dim() == 3:
-            return logits
+            L = logits.shape[1]
+            return logits, (L - 1 - self.seq_len if not self.packed and L > self.seq_len else 0)
         if self.packed:
-            return logits.unsqueeze(0)
-        return logits.unflatten(0, (self.num_seqs, self.seq_len))
+            return logits.unsqueeze(0), 0
+        return logits.unflatten(0, (self.num_seqs, self.seq_len)), 0
+
+    def rows_per_batch(self, full: torch.Tensor) -> int:
+        """T' of a (B', L, X) view from scored_rows: the scored rows per batch entry."""
+        return self.num_rows if self.packed else self.seq_len
 
 
 class _SeqExpand(torch.autograd.Function):
@@ -190,18 +204,24 @@ def logprobs_result(tokens: Tokens, logprobs: torch.Tensor, entropy: torch.Tenso
     return (logprobs, entropy) if return_entropy else logprobs
 
 
-def check_rows(name: str, t: torch.Tensor, layout: Layout, last: str) -> int:
-    """t must hold one row per token: (B, T, X) or (N, X) (padded), (N, X) or (1, N, X) (packed); returns X."""
+def check_rows(name: str, t: torch.Tensor, layout: Layout, last: str, full_output: bool = False) -> int:
+    """t must hold one row per token: (B, T, X) or (N, X) (padded), (N, X) or (1, N, X) (packed); returns X.
+    With full_output, a padded (B, L, X) with L > T is the model's whole output (Layout.scored_rows)."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     N = layout.num_rows
     allowed = ((N,), (1, N)) if layout.packed else ((N,), (layout.num_seqs, layout.seq_len))
+    if full_output and not layout.packed and t.dim() == 3 and sizes_match(tuple(t.shape[:1]), ((layout.num_seqs,),)) \
+            and t.shape[1] > layout.seq_len:
+        allowed = ((layout.num_seqs, t.shape[1]),)
     if t.dim() not in (2, 3) or not sizes_match(tuple(t.shape[:-1]), allowed):
         # (The message is formatted only here: formatting sizes would specialise them under torch.compile.)
         if layout.packed:
             want = f"(N, {last}) or (1, N, {last}) with N = {N}"
         else:
             want = f"(B, T, {last}) = ({layout.num_seqs}, {layout.seq_len}, {last}) or (N, {last}) with N = {N}"
+            if full_output:
+                want += f", or the full output (B, L, {last}) with L > T"
         raise ValueError(f"{name} must have shape {want} to match completion_ids, got {tuple(t.shape)}")
     if t.shape[-1] < 1:
         raise ValueError(f"{name} must have a last dimension {last} of at least 1")
@@ -210,13 +230,31 @@ def check_rows(name: str, t: torch.Tensor, layout: Layout, last: str) -> int:
 
 def check_logits(logits: torch.Tensor, layout: Layout) -> int:
     """logits rows against the layout; returns V (this shard's width under tensor parallelism)."""
-    V = check_rows("logits", logits, layout, "V")
+    V = check_rows("logits", logits, layout, "V", full_output=True)
     if logits.dtype not in LOGITS_DTYPES:
         raise TypeError(f"logits must be float32, bfloat16 or float16, got {logits.dtype}")
     if logits.stride(-1) != 1 and V > 1:
         raise ValueError("logits must be contiguous in the vocabulary dimension (stride(-1) == 1); "
                          "leading dimensions may have any strides")
     return V
+
+
+def rows_overlap(rows: torch.Tensor) -> bool:
+    """Whether two rows of a (B, T, V) view share memory (expanded or overlapping strides)."""
+    extent = rows.shape[-1]
+    for stride, size in sorted((rows.stride(i), rows.shape[i]) for i in range(rows.dim() - 1) if rows.shape[i] > 1):
+        if stride < extent:
+            return True
+        extent += stride * (size - 1)
+    return False
+
+
+def check_inplace(rows: torch.Tensor) -> None:
+    """inplace_backward writes the gradient into the logits: their rows must not share memory."""
+    if rows_overlap(rows):
+        raise ValueError("inplace_backward=True needs logits whose rows do not overlap in memory (these are "
+                         "expanded or have overlapping strides): writing the gradient into them would mix rows. "
+                         "Pass a materialised tensor or inplace_backward=False.")
 
 
 def check_ids(ids: torch.Tensor, V: int) -> None:

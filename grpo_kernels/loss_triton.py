@@ -32,7 +32,7 @@ from .options import CLIPPED_LOSS_TYPES, GRPOOptions
 SUPPORTED_KEYWORDS = frozenset({
     "loss_type", "beta", "epsilon_low", "epsilon_high", "delta", "temperature", "importance_sampling_level",
     "use_bias_correction_kl", "kl_estimator", "kl_ratio", "max_completion_length", "num_items_in_batch",
-    "num_sequences_in_batch", "dual_clip", "entropy_coef", "inplace_backward", "backend",
+    "num_sequences_in_batch", "dual_clip", "entropy_coef", "inplace_backward", "backend", "grad_scale",
 })
 LOSS_TYPES = CLIPPED_LOSS_TYPES
 KL_ESTIMATOR_CODES = {"k1": 1, "k2": 2, "k3": 3}
@@ -98,6 +98,32 @@ def _kl(l, ref, r, KL_ESTIMATOR: tl.constexpr, KL_RATIO_WEIGHT: tl.constexpr):
         dkl = r * (kl + dkl)
         kl = r * kl
     return kl, dkl
+
+
+@triton.jit
+def token_terms(l, r, ratio, A, ref, rollout, beta, eps_low, eps_high, delta, dual_clip,
+                HAS_DELTA: tl.constexpr, HAS_DUAL_CLIP: tl.constexpr, HAS_ROLLOUT: tl.constexpr,
+                HAS_REF: tl.constexpr, KL_ESTIMATOR: tl.constexpr, KL_RATIO_WEIGHT: tl.constexpr):
+    """One token's terms of the clipped objective, the one place they are written in Triton.
+
+    l = log pi(y), r = exp(l - l_old) (the token ratio), `ratio` the ratio the surrogate clips
+    (r at token level, the sequence's s under GSPO), A the advantage, ref = log pi_ref(y),
+    rollout the sampler-mismatch weight. Returns (loss, dloss/dratio, dloss/dl through the
+    KL term alone, kl, is_low, is_high): the caller adds dloss/dratio * dratio/dl for its level.
+    """
+    loss, dloss_dratio = _surrogate(ratio, A, eps_low, eps_high, delta, dual_clip, HAS_DELTA, HAS_DUAL_CLIP)
+    if HAS_ROLLOUT:
+        loss = loss * rollout
+        dloss_dratio = dloss_dratio * rollout
+    kl = tl.zeros_like(l)
+    dkl_dl = tl.zeros_like(l)
+    if HAS_REF:  # the KL weight is the token ratio at either level (kl_ratio="token")
+        kl, dkl = _kl(l, ref, r, KL_ESTIMATOR, KL_RATIO_WEIGHT)
+        loss = loss + beta * kl
+        dkl_dl = beta * dkl
+    is_low = tl.where((ratio < 1.0 - eps_low) & (A < 0), 1.0, 0.0)
+    is_high = tl.where((ratio > 1.0 + eps_high) & (A > 0), 1.0, 0.0)
+    return loss, dloss_dratio, dkl_dl, kl, is_low, is_high
 
 
 @triton.jit(do_not_specialize=["T", "S"])
@@ -166,28 +192,24 @@ def _loss_kernel(
         ratio = r
         if SEQ_LEVEL:
             ratio = tl.zeros((BLOCK,), tl.float32) + seq_ratio
-        loss, dloss_dratio = _surrogate(ratio, A, eps_low, eps_high, delta, dual_clip, HAS_DELTA, HAS_DUAL_CLIP)
+        ref = l
+        if HAS_REF:
+            ref = tl.load(ref_ptr + rows, mask=ok, other=0.0).to(tl.float32)
+        w = r
         if HAS_ROLLOUT:
             w = tl.load(rollout_ptr + rows, mask=ok, other=0.0).to(tl.float32)
-            loss = loss * w
-            dloss_dratio = dloss_dratio * w
+        loss, dloss_dratio, dkl_dl, kl, is_low, is_high = token_terms(
+            l, r, ratio, A, ref, w, beta, eps_low, eps_high, delta, dual_clip, HAS_DELTA, HAS_DUAL_CLIP, HAS_ROLLOUT,
+            HAS_REF, KL_ESTIMATOR, KL_RATIO_WEIGHT)
         if SEQ_LEVEL:  # the ratio's gradient reaches every token of the sequence: pass 3
             grad_seq_ratio += tl.sum(m * dloss_dratio, axis=0)
-            dloss_dl = tl.zeros((BLOCK,), tl.float32)
+            dloss_dl = dkl_dl
         else:
-            dloss_dl = dloss_dratio * r
-        kl = tl.zeros((BLOCK,), tl.float32)
-        if HAS_REF:  # the KL weight is the token ratio at either level (kl_ratio="token")
-            kl, dkl = _kl(l, tl.load(ref_ptr + rows, mask=ok, other=0.0).to(tl.float32), r, KL_ESTIMATOR,
-                          KL_RATIO_WEIGHT)
-            loss = loss + beta * kl
-            dloss_dl = dloss_dl + beta * dkl
+            dloss_dl = dloss_dratio * r + dkl_dl
         tl.store(coef_ptr + rows, m * seq_scale * dloss_dl, mask=ok)
         loss_sum += tl.sum(m * loss, axis=0)
         kl_sum += tl.sum(m * kl, axis=0)
         h_sum += tl.sum(m * H, axis=0)
-        is_low = tl.where((ratio < 1.0 - eps_low) & (A < 0), 1.0, 0.0)
-        is_high = tl.where((ratio > 1.0 + eps_high) & (A > 0), 1.0, 0.0)
         low_sum += tl.sum(m * is_low, axis=0)
         high_sum += tl.sum(m * is_high, axis=0)
         region_sum += tl.sum(m * tl.maximum(is_low, is_high), axis=0)
@@ -264,10 +286,8 @@ def _sums_kernel(
     tl.store(out_ptr + 6, e_scale)
 
 
-def supports(o: GRPOOptions, tokens, backend: str, tp_group) -> bool:
-    """Whether this module computes the loss for these options (else loss.py does)."""
-    if backend != "triton" or tp_group is not None or torch.compiler.is_compiling():
-        return False
+def _written_here(o: GRPOOptions, tokens) -> bool:
+    """Whether these options are the clipped family with only the keywords this module implements."""
     if o.loss_type not in LOSS_TYPES:
         return False
     default = GRPOOptions()
@@ -275,16 +295,22 @@ def supports(o: GRPOOptions, tokens, backend: str, tp_group) -> bool:
         value = getattr(o, name)
         if name not in SUPPORTED_KEYWORDS and value is not getattr(default, name) and value != getattr(default, name):
             return False
-    if o.importance_sampling_level not in ("token", "sequence"):
-        return False
-    if o.importance_sampling_level == "sequence" and o.kl_ratio != "token" and o.beta != 0.0:
-        return False  # TRL's sequence-ratio KL weight: loss.py
     if isinstance(o.num_sequences_in_batch, torch.Tensor) and o.loss_type in ("grpo", "dr_grpo", "luspo"):
         return False
     return not tokens.rollout_per_seq
 
 
-def _divisor(o: GRPOOptions, tokens) -> tuple[int, float, torch.Tensor | None]:
+def supports(o: GRPOOptions, tokens, backend: str, tp_group) -> bool:
+    """Whether this module computes the loss for these options (else loss.py does)."""
+    if backend != "triton" or tp_group is not None or torch.compiler.is_compiling():
+        return False
+    if not _written_here(o, tokens) or o.importance_sampling_level not in ("token", "sequence"):
+        return False
+    # TRL's sequence-ratio KL weight under GSPO: loss.py
+    return not (o.importance_sampling_level == "sequence" and o.kl_ratio != "token" and o.beta != 0.0)
+
+
+def divisor_of(o: GRPOOptions, tokens) -> tuple[int, float, torch.Tensor | None]:
     """(DIVISOR code, scalar divisor, tensor divisor) of the aggregation, as loss.py's."""
     layout = tokens.layout
     if o.loss_type == "bnpo" or (o.loss_type == "dapo" and o.num_items_in_batch is None):
@@ -321,12 +347,14 @@ def loss_launch(logprobs, entropy, tokens, o: GRPOOptions, coef, sums):
     return _loss_kernel, (layout.num_seqs,), args, meta
 
 
-def sums_launch(sums, tokens, o: GRPOOptions, loss, out):
-    """(kernel, grid, args, meta) of `_sums_kernel` writing loss () and out (7,)."""
-    code, divisor, n_items = _divisor(o, tokens)
+def sums_launch(sums, tokens, o: GRPOOptions, loss, out, width: int | None = None, divisor=None):
+    """(kernel, grid, args, meta) of `_sums_kernel` writing loss () and out (7,). `width` is the
+    number of columns of sums: the sequences (default), or the rows for the token-local plan;
+    `divisor` the aggregation's (code, scalar, tensor) if already known."""
+    code, divisor, n_items = divisor_of(o, tokens) if divisor is None else divisor
     per_seq_clip = o.importance_sampling_level == "sequence" and tokens.advantages_per_seq
-    args = (sums, out if n_items is None else n_items, loss, out, tokens.layout.num_seqs, divisor,
-            float(o.entropy_coef))
+    args = (sums, out if n_items is None else n_items, loss, out,
+            tokens.layout.num_seqs if width is None else width, divisor, float(o.entropy_coef))
     return _sums_kernel, (1,), args, dict(DIVISOR=code, CLIP_PER_SEQ=per_seq_clip, BLOCK=256, num_warps=4)
 
 
@@ -347,3 +375,224 @@ def objective(logprobs: torch.Tensor, entropy: torch.Tensor, tokens, o: GRPOOpti
     kernel, grid, args, meta = sums_launch(sums, tokens, o, loss, out)
     kernel[grid](*args, **meta)
     return loss, out, coef
+
+
+# ---------------------------------------------------------------------------------------------
+# Token-local losses (SPEC section 14): the coefficients of a row from its own statistics.
+#
+# For the clipped family at token level, c_t = dL/dl_t and e_t = dL/dH_t depend on the row's
+# log-prob and entropy, its per-token inputs, and normalisers that depend on the mask alone.
+# `plan` computes those normalisers on the device first (two small launches); a kernel that
+# holds a row's statistics (the two-pass logits kernel, the fused-linear chunks) then calls
+# `row_coefficients` for it, which also records the row's sums; `finish` adds the sums in a
+# fixed order into the loss and the metrics.
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit(do_not_specialize=["T", "S"])
+def _plan_kernel(mask_ptr, adv_ptr, offsets_ptr, w_ptr, adv_tok_ptr, seq_n_ptr, T, S,
+                 PACKED: tl.constexpr, HAS_MASK: tl.constexpr, SEQ_MEAN: tl.constexpr,
+                 ADV_PER_SEQ: tl.constexpr, BLOCK: tl.constexpr):
+    """For sequence s: reads its rows' mask (and adv[s]); writes seq_n[s] = sum of the mask,
+    w[row] = mask (/ max(seq_n, 1) with SEQ_MEAN: grpo's per-sequence mean) and, with
+    ADV_PER_SEQ, adv_tok[row] = adv[s]."""
+    s = tl.program_id(0).to(tl.int64)
+    if PACKED:
+        start = tl.load(offsets_ptr + s)
+        end = tl.load(offsets_ptr + s + 1)
+    else:
+        start = s * T
+        end = start + T
+    idx = tl.arange(0, BLOCK)
+    n = 0.0
+    for b in range(start, end, BLOCK):
+        ok = b + idx < end
+        n += tl.sum(_mask(mask_ptr, b + idx, ok, HAS_MASK), axis=0)
+    scale = 1.0
+    if SEQ_MEAN:
+        scale = 1.0 / tl.maximum(n, 1.0)
+    for b in range(start, end, BLOCK):
+        rows = b + idx
+        ok = rows < end
+        tl.store(w_ptr + rows, _mask(mask_ptr, rows, ok, HAS_MASK) * scale, mask=ok)
+        if ADV_PER_SEQ:
+            tl.store(adv_tok_ptr + rows, tl.zeros((BLOCK,), tl.float32) + tl.load(adv_ptr + s).to(tl.float32),
+                     mask=ok)
+    tl.store(seq_n_ptr + s, n)
+
+
+@triton.jit(do_not_specialize=["S"])
+def _plan_scalars_kernel(seq_n_ptr, n_items_ptr, scal_ptr, S, divisor, entropy_coef, grad_scale,
+                         DIVISOR: tl.constexpr, BLOCK: tl.constexpr):
+    """One program: reads seq_n[S] (and n_items[0] with DIVISOR == 2); writes scal[0] =
+    grad_scale / n (the batch normaliser, as `_sums_kernel` computes it) and scal[1] =
+    -entropy_coef grad_scale / max(sum of the mask, 1)."""
+    idx = tl.arange(0, BLOCK)
+    total = 0.0
+    for start in range(0, S, BLOCK):
+        total += tl.sum(tl.load(seq_n_ptr + start + idx, mask=start + idx < S, other=0.0), axis=0)
+    m_div = tl.maximum(total, 1.0)
+    if DIVISOR == 0:
+        n = m_div
+    elif DIVISOR == 1:
+        n = tl.maximum(divisor, 1.0)
+    else:
+        n = tl.maximum(tl.load(n_items_ptr).to(tl.float32), 1.0)
+    tl.store(scal_ptr, grad_scale / n)
+    tl.store(scal_ptr + 1, -entropy_coef * grad_scale / m_div)
+
+
+@triton.jit
+def row_coefficients(rows, ok, l, H, w_ptr, mask_ptr, adv_ptr, old_ptr, ref_ptr, rollout_ptr, scal_ptr, sums_ptr, N,
+                     beta, eps_low, eps_high, delta, dual_clip,
+                     HAS_MASK: tl.constexpr, HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr,
+                     HAS_ROLLOUT: tl.constexpr, HAS_DELTA: tl.constexpr, HAS_DUAL_CLIP: tl.constexpr,
+                     KL_ESTIMATOR: tl.constexpr, KL_RATIO_WEIGHT: tl.constexpr):
+    """(c, e) of `rows` (a scalar row or a block; `ok` marks the real ones) from their log-probs l
+    and entropies H: c = w dL_t/dl_t scal[0], e = mask scal[1] (batch normaliser and grad_scale
+    folded in). Reads the plan's w, adv and the per-token inputs of live rows; writes
+    sums[k, rows] (k < NUM_SUMS, as `_loss_kernel` per sequence). A masked row is ignored
+    entirely: none of its inputs is read, its sums and coefficients are 0."""
+    m = _mask(mask_ptr, rows, ok, HAS_MASK)
+    live = ok & (m != 0.0)  # a NaN mask weight is live: it makes the loss NaN
+    l = tl.where(live, l, 0.0)
+    H = tl.where(live, H, 0.0)
+    w = tl.load(w_ptr + rows, mask=live, other=0.0)
+    A = tl.load(adv_ptr + rows, mask=live, other=0.0)
+    old = l
+    if HAS_OLD:
+        old = tl.load(old_ptr + rows, mask=live, other=0.0).to(tl.float32)
+    r = tl.exp(l - old)
+    ref = l
+    if HAS_REF:
+        ref = tl.load(ref_ptr + rows, mask=live, other=0.0).to(tl.float32)
+    rollout = r
+    if HAS_ROLLOUT:
+        rollout = tl.load(rollout_ptr + rows, mask=live, other=0.0).to(tl.float32)
+    loss, dloss_dratio, dkl_dl, kl, is_low, is_high = token_terms(
+        l, r, r, A, ref, rollout, beta, eps_low, eps_high, delta, dual_clip, HAS_DELTA, HAS_DUAL_CLIP, HAS_ROLLOUT,
+        HAS_REF, KL_ESTIMATOR, KL_RATIO_WEIGHT)
+    c = tl.where(live, w * (dloss_dratio * r + dkl_dl) * tl.load(scal_ptr), 0.0)
+    e = tl.where(live, m * tl.load(scal_ptr + 1), 0.0)
+    z = tl.zeros_like(c)
+    tl.store(sums_ptr + rows, tl.where(live, w * loss, z), mask=ok)
+    tl.store(sums_ptr + N + rows, tl.where(live, m, z), mask=ok)
+    tl.store(sums_ptr + 2 * N + rows, tl.where(live, m * kl, z), mask=ok)
+    tl.store(sums_ptr + 3 * N + rows, tl.where(live, m * H, z), mask=ok)
+    tl.store(sums_ptr + 4 * N + rows, tl.where(live, m * is_low, z), mask=ok)
+    tl.store(sums_ptr + 5 * N + rows, tl.where(live, m * is_high, z), mask=ok)
+    tl.store(sums_ptr + 6 * N + rows, tl.where(live, m * tl.maximum(is_low, is_high), z), mask=ok)
+    return c, e
+
+
+@triton.jit(do_not_specialize=["N", "row_start", "n_rows"])
+def _coefficients_kernel(logprobs_ptr, entropy_ptr, c_ptr, e_ptr, w_ptr, mask_ptr, adv_ptr, old_ptr, ref_ptr,
+                         rollout_ptr, scal_ptr, sums_ptr, N, row_start, n_rows,
+                         beta, eps_low, eps_high, delta, dual_clip,
+                         HAS_MASK: tl.constexpr, HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr,
+                         HAS_ROLLOUT: tl.constexpr, HAS_DELTA: tl.constexpr, HAS_DUAL_CLIP: tl.constexpr,
+                         KL_ESTIMATOR: tl.constexpr, KL_RATIO_WEIGHT: tl.constexpr, BLOCK: tl.constexpr):
+    """Rows row_start + i, i < n_rows: reads logprobs[i], entropy[i] (a chunk's) and the plan;
+    writes c[i], e[i] and the rows' sums (`row_coefficients`)."""
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = i < n_rows
+    l = tl.load(logprobs_ptr + i, mask=ok, other=0.0)
+    H = tl.load(entropy_ptr + i, mask=ok, other=0.0)
+    c, e = row_coefficients(row_start + i, ok, l, H, w_ptr, mask_ptr, adv_ptr, old_ptr, ref_ptr, rollout_ptr,
+                            scal_ptr, sums_ptr, N, beta, eps_low, eps_high, delta, dual_clip, HAS_MASK, HAS_OLD,
+                            HAS_REF, HAS_ROLLOUT, HAS_DELTA, HAS_DUAL_CLIP, KL_ESTIMATOR, KL_RATIO_WEIGHT)
+    tl.store(c_ptr + i, c, mask=ok)
+    tl.store(e_ptr + i, e, mask=ok)
+
+
+def token_local(o: GRPOOptions, tokens, tp_group) -> bool:
+    """Whether the loss is token-local (SPEC 14) and written here: the clipped family at token
+    level, whose c_t and e_t follow from the row's own statistics once `Plan` has run."""
+    return tp_group is None and o.importance_sampling_level == "token" and _written_here(o, tokens)
+
+
+class Plan:
+    """The device-side normalisers of a token-local loss (`plan`), and the buffers its rows fill.
+
+    w (N,): the mask weight times grpo's 1/|o_i|; adv (N,) the advantage of each row; scal (2,):
+    grad_scale / n and -entropy_coef grad_scale / max(sum m, 1); sums (NUM_SUMS, N), filled by
+    `row_coefficients`; `args` and `meta` are the launch arguments every caller of
+    row_coefficients passes on."""
+
+    def __init__(self, tokens, o: GRPOOptions, grad_scale: float, divisor=None, run: bool = True):
+        layout = tokens.layout
+        N, S = layout.num_rows, layout.num_seqs
+        device = tokens.ids.device
+        f32 = dict(dtype=torch.float32, device=device)
+        self.tokens, self.o, self.N = tokens, o, N
+        mask = tokens.mask
+        if mask is not None and mask.dtype == torch.bool:
+            mask = mask.view(torch.uint8)  # the same bytes, no copy
+        self.w = torch.empty(max(N, 1), **f32)
+        if tokens.advantages_per_seq:
+            self.adv = torch.empty(max(N, 1), **f32)
+        else:
+            self.adv = tokens.advantages if tokens.advantages.dtype == torch.float32 else tokens.advantages.float()
+        self.scal = torch.empty(2, **f32)
+        self.sums = torch.empty((NUM_SUMS, max(N, 1)), **f32)
+        self.divisor = divisor_of(o, tokens) if divisor is None else divisor
+        code, divisor, n_items = self.divisor
+        seq_n = torch.empty(max(S, 1), **f32)
+        placeholder = self.w
+        # (kernel, grid, args, meta) of the two launches, run here unless `run` is False (AOT checks).
+        self.launches = [(_plan_kernel, (S,), (
+            placeholder if mask is None else mask, tokens.advantages, layout.offsets if layout.packed else placeholder,
+            self.w, self.adv, seq_n, 0 if layout.packed else layout.seq_len, S), dict(
+            PACKED=layout.packed, HAS_MASK=mask is not None, SEQ_MEAN=o.loss_type == "grpo",
+            ADV_PER_SEQ=tokens.advantages_per_seq, BLOCK=BLOCK, num_warps=4))] if S > 0 else []
+        self.launches.append((_plan_scalars_kernel, (1,), (
+            seq_n, self.scal if n_items is None else n_items, self.scal, S, divisor, float(o.entropy_coef),
+            float(grad_scale)), dict(DIVISOR=code, BLOCK=256, num_warps=4)))
+        if run:
+            if S == 0:
+                seq_n.zero_()
+            for kernel, grid, args, meta in self.launches:
+                kernel[grid](*args, **meta)
+        self.args = (self.w, placeholder if mask is None else mask, self.adv,
+                     placeholder if tokens.old_logprobs is None else tokens.old_logprobs,
+                     placeholder if tokens.ref_logprobs is None else tokens.ref_logprobs,
+                     placeholder if tokens.rollout_is_ratio is None else tokens.rollout_is_ratio,
+                     self.scal, self.sums, N, float(o.beta), float(o.epsilon_low), float(o.eps_high),
+                     float(o.delta or 0.0), float(o.dual_clip or 0.0))
+        self.meta = dict(HAS_MASK=mask is not None, HAS_OLD=tokens.old_logprobs is not None, HAS_REF=o.beta != 0.0,
+                         HAS_ROLLOUT=tokens.rollout_is_ratio is not None, HAS_DELTA=o.delta is not None,
+                         HAS_DUAL_CLIP=o.dual_clip is not None, KL_ESTIMATOR=KL_ESTIMATOR_CODES[o.kl_estimator],
+                         KL_RATIO_WEIGHT=o.use_bias_correction_kl)
+
+    def coefficients_launch(self, logprobs, entropy, row_start: int, c, e):
+        """(kernel, grid, args, meta) of chunk_coefficients."""
+        n = logprobs.shape[0]
+        block = 256
+        return (_coefficients_kernel, (triton.cdiv(n, block),),
+                (logprobs, entropy, c, e, *self.args[:9], row_start, n, *self.args[9:]),
+                dict(**self.meta, BLOCK=block, num_warps=4))
+
+    def chunk_coefficients(self, logprobs: torch.Tensor, entropy: torch.Tensor, row_start: int
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(c, e) of rows [row_start, row_start + n) from their fp32 log-probs and entropies (n,),
+        recording their sums: one launch."""
+        n = logprobs.shape[0]
+        c = torch.empty(n, dtype=torch.float32, device=logprobs.device)
+        e = torch.empty_like(c)
+        if n > 0:
+            kernel, grid, args, meta = self.coefficients_launch(logprobs, entropy, row_start, c, e)
+            kernel[grid](*args, **meta)
+        return c, e
+
+    def finish(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss (), out (7,): kl, entropy, clip low, high, region, 1/n, e_scale) from the rows' sums,
+        added in a fixed order (deterministic)."""
+        device = self.w.device
+        loss = torch.empty((), dtype=torch.float32, device=device)
+        out = torch.empty(7, dtype=torch.float32, device=device)
+        if self.N == 0:
+            self.sums.zero_()
+        kernel, grid, args, meta = sums_launch(self.sums, self.tokens, self.o, loss, out, width=self.N,
+                                                divisor=self.divisor)
+        kernel[grid](*args, **meta)
+        return loss, out

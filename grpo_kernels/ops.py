@@ -1,18 +1,16 @@
-"""fused_grpo_loss and token_logprobs: the logits sweep as torch.library operators, then the
-loss of loss.py over the per-token results.
+"""fused_grpo_loss and token_logprobs: the public functions over the logits.
 
-The operators (SPEC section 11) make the sweep opaque to torch.compile, FakeTensor and
-torch.export, which see only their fake (shape) functions: a new T never recompiles, and
-alignment and block choices are made inside, at run time.
+Three paths, chosen here, each computing the same objective (docs/design.md):
+- two passes (sweep/two_pass.py): a token-local loss (SPEC section 14) on the Triton backend;
+  one launch reads each active row once and writes its gradient in the forward;
+- three passes with the Triton loss (`TokenLevelLoss`): the rest of the clipped family on the
+  Triton backend (GSPO): the forward sweep, loss_triton.py's two kernels, the backward sweep;
+- three passes with loss.py: everything else, and every other backend; autograd over loss.py's
+  per-token graph supplies c_t = dL/dlogprob_t and e_t = dL/dentropy_t to the backward sweep.
 
-  grpo_kernels::logits_sweep            logits rows -> logprobs, entropy, m, log_sum, mean_rel (N,)
-  grpo_kernels::logits_sweep_backward   -> dL/dlogits, a new tensor
-  grpo_kernels::logits_sweep_backward_  -> dL/dlogits written into the logits (inplace_backward)
-
-The backward needs only c_t = dL/dlogprob_t and e_t = dL/dentropy_t: autograd over loss.py's
-small per-token graph supplies them, or, for the clipped family on the Triton backend,
-loss_triton.py's two kernels (`TokenLevelLoss`: a step of ~11 launches). Each formula exists
-once per language (docs/design.md).
+`logits` may be the model's full output (B, L, V) with L > T: the rows that predict the T
+completion tokens, [L - 1 - T, L - 1), are scored (layout.scored_rows) and the gradient of the
+whole tensor is written by our kernels, so autograd never copies it through a slice.
 """
 from __future__ import annotations
 
@@ -22,124 +20,13 @@ import torch
 
 from . import loss_triton
 from .distributed import vocab_bounds
-from .layout import Tokens, build_tokens, logprobs_result, rows_without_sequences
+from .layout import Tokens, build_tokens, check_inplace, logprobs_result, rows_without_sequences
 from .loss import Metrics, objective
 from .options import GRPOOptions, check_bool, check_temperature
-from .sweep import backend_module, require, resolve_backend, stats_dtype
+from .sweep import require, resolve_backend, two_pass
+from .sweep.operators import sweep_backward
 
 Tensor = torch.Tensor
-
-
-@torch.library.custom_op("grpo_kernels::logits_sweep", mutates_args=())
-def logits_sweep(logits: Tensor, ids: Tensor, temperature: float, temperature_rows: Optional[Tensor],
-                 active: Optional[Tensor], vocab_start: int, partial: bool, backend: str, inplace: bool
-                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """The backend's forward sweep over rows of logits (B, T, V). Returns five (N,) tensors:
-    logprobs, entropy, m, log_sum, mean_rel; with partial (a vocab-parallel shard) m, s, u,
-    z_y and an empty fifth. `inplace` is read by the backward only."""
-    outs = backend_module(backend).forward(logits, ids, temperature if temperature_rows is None else temperature_rows,
-                                           active, vocab_start, partial)
-    return (*outs, outs[0].new_empty(0)) if partial else tuple(outs)
-
-
-@logits_sweep.register_fake
-def _(logits, ids, temperature, temperature_rows, active, vocab_start, partial, backend, inplace):
-    n = logits.shape[0] * logits.shape[1]
-    dtype = stats_dtype(logits.dtype, backend)
-    outs = [logits.new_empty(n, dtype=dtype) for _ in range(4 if partial else 5)]
-    return (*outs, logits.new_empty(0, dtype=dtype)) if partial else tuple(outs)
-
-
-def _backward_args(logits, ids, temperature, temperature_rows, active, m, log_sum, mean_rel, grad_logprobs,
-                   grad_entropy):
-    return (logits, ids, temperature if temperature_rows is None else temperature_rows, active, m, log_sum, mean_rel,
-            grad_logprobs, grad_entropy)
-
-
-@torch.library.custom_op("grpo_kernels::logits_sweep_backward", mutates_args=())
-def logits_sweep_backward(logits: Tensor, ids: Tensor, temperature: float, temperature_rows: Optional[Tensor],
-                          active: Optional[Tensor], m: Tensor, log_sum: Tensor, mean_rel: Tensor,
-                          grad_logprobs: Optional[Tensor], grad_entropy: Optional[Tensor], vocab_start: int,
-                          backend: str) -> Tensor:
-    """dL/dlogits (B, T, V) in the logits' dtype, from the forward's m, log_sum, mean_rel and
-    the upstream gradients of logprobs and entropy (None: that term is 0)."""
-    grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-    backend_module(backend).backward(*_backward_args(logits, ids, temperature, temperature_rows, active, m, log_sum,
-                                                     mean_rel, grad_logprobs, grad_entropy), grad, vocab_start)
-    return grad
-
-
-@logits_sweep_backward.register_fake
-def _(logits, ids, temperature, temperature_rows, active, m, log_sum, mean_rel, grad_logprobs, grad_entropy,
-      vocab_start, backend):
-    return logits.new_empty(logits.shape)
-
-
-@torch.library.custom_op("grpo_kernels::logits_sweep_backward_", mutates_args=("logits",))
-def logits_sweep_backward_(logits: Tensor, ids: Tensor, temperature: float, temperature_rows: Optional[Tensor],
-                           active: Optional[Tensor], m: Tensor, log_sum: Tensor, mean_rel: Tensor,
-                           grad_logprobs: Optional[Tensor], grad_entropy: Optional[Tensor], vocab_start: int,
-                           backend: str) -> None:
-    """logits_sweep_backward written into the logits' own storage. As a declared mutation it
-    bumps their autograd version: a later use of the overwritten values raises."""
-    backend_module(backend).backward(*_backward_args(logits, ids, temperature, temperature_rows, active, m, log_sum,
-                                                     mean_rel, grad_logprobs, grad_entropy), logits, vocab_start)
-
-
-@logits_sweep_backward_.register_fake
-def _(logits, ids, temperature, temperature_rows, active, m, log_sum, mean_rel, grad_logprobs, grad_entropy,
-      vocab_start, backend):
-    return None
-
-
-def sweep_backward(logits, ids, temperature, temperature_rows, active, m, log_sum, mean_rel, grad_logprobs,
-                   grad_entropy, vocab_start, backend, inplace) -> Tensor:
-    """The gradient of the logits, written into them with `inplace`."""
-    args = (logits, ids, temperature, temperature_rows, active, m, log_sum, mean_rel, grad_logprobs, grad_entropy,
-            vocab_start, backend)
-    if inplace:
-        torch.ops.grpo_kernels.logits_sweep_backward_(*args)
-        return logits
-    return torch.ops.grpo_kernels.logits_sweep_backward(*args)
-
-
-def _setup_context(ctx, inputs, output):
-    logits, ids, temperature, temperature_rows, active, vocab_start, partial, backend, inplace = inputs
-    _, _, m, log_sum, mean_rel = output
-    ctx.save_for_backward(logits, ids, temperature_rows, active, m, log_sum, mean_rel)
-    ctx.temperature, ctx.vocab_start, ctx.backend, ctx.inplace = temperature, vocab_start, backend, inplace
-    ctx.set_materialize_grads(False)
-    ctx.mark_non_differentiable(m, log_sum, mean_rel)
-
-
-def _backward(ctx, grad_logprobs, grad_entropy, *_):
-    if grad_logprobs is None and grad_entropy is None:
-        return (None,) * 9
-    logits, ids, temperature_rows, active, m, log_sum, mean_rel = ctx.saved_tensors
-    grad = sweep_backward(logits, ids, ctx.temperature, temperature_rows, active, m, log_sum, mean_rel,
-                          grad_logprobs, grad_entropy, ctx.vocab_start, ctx.backend, ctx.inplace)
-    return (grad,) + (None,) * 8
-
-
-logits_sweep.register_autograd(_backward, setup_context=_setup_context)
-
-
-def rows_overlap(rows: Tensor) -> bool:
-    """Whether two rows of a (B, T, V) view share memory (expanded or overlapping strides)."""
-    extent = rows.shape[-1]
-    for stride, size in sorted((rows.stride(i), rows.shape[i]) for i in range(rows.dim() - 1) if rows.shape[i] > 1):
-        if stride < extent:
-            return True
-        extent += stride * (size - 1)
-    return False
-
-
-def check_inplace(rows: Tensor) -> None:
-    """inplace_backward writes the gradient into the logits: their rows must not share memory."""
-    if rows_overlap(rows):
-        raise ValueError("inplace_backward=True needs logits whose rows do not overlap in memory (these are "
-                         "expanded or have overlapping strides): writing the gradient into them would mix rows. "
-                         "Pass a materialised tensor or inplace_backward=False.")
 
 
 def refuse_dtensor(**tensors) -> None:
@@ -151,21 +38,23 @@ def refuse_dtensor(**tensors) -> None:
                             "or t.full_tensor() when it is replicated")
 
 
-def sweep(logits: Tensor, tokens: Tokens, backend: str, inplace: bool, tp_group=None, vocab_start: int = 0
-          ) -> tuple[Tensor, Tensor]:
-    """logprobs and entropy (N,) of the rows of logits that tokens.layout describes."""
-    rows = tokens.layout.logits_rows(logits)
+def sweep(logits: Tensor, tokens: Tokens, backend: str, inplace: bool, tp_group=None, vocab_start: int = 0,
+          need_entropy: bool = True) -> tuple[Tensor, Tensor]:
+    """logprobs and entropy (N,) of the rows of logits that tokens.layout describes (the entropy
+    is not computed without need_entropy on the Triton backend)."""
+    full, row_start = tokens.layout.scored_rows(logits)
     if inplace:
-        check_inplace(rows)
+        check_inplace(full)
     t_scalar, t_rows = tokens.temperature_args
     ids = tokens.ids
     if tp_group is not None:
         from .distributed import vocab_parallel_sweep
 
+        rows = full.narrow(1, row_start, tokens.layout.rows_per_batch(full))
         return vocab_parallel_sweep(rows, ids, t_scalar, t_rows, tokens.active, vocab_start, backend, inplace,
                                     tp_group)
-    logprobs, entropy, *_ = torch.ops.grpo_kernels.logits_sweep(rows, ids, t_scalar, t_rows, tokens.active, 0,
-                                                                False, backend, inplace)
+    logprobs, entropy, *_ = torch.ops.grpo_kernels.logits_sweep(full, row_start, ids, t_scalar, t_rows, tokens.active,
+                                                                0, False, backend, inplace, need_entropy)
     return logprobs, entropy
 
 
@@ -175,47 +64,55 @@ class TokenLevelLoss(torch.autograd.Function):
     and e_t = -g coef m_t / sum(m): a handful of launches in all (issue 10)."""
 
     @staticmethod
-    def forward(ctx, rows, tokens, o, backend):
+    def forward(ctx, logits, row_start, tokens, o, backend):
         t_scalar, t_rows = tokens.temperature_args
         ids = tokens.ids
         logprobs, entropy, m, log_sum, mean_rel = torch.ops.grpo_kernels.logits_sweep(
-            rows, ids, t_scalar, t_rows, tokens.active, 0, False, backend, o.inplace_backward)
+            logits, row_start, ids, t_scalar, t_rows, tokens.active, 0, False, backend, o.inplace_backward, True)
         loss, out, coef = loss_triton.objective(logprobs, entropy, tokens, o)
         mask = tokens.mask
         # The two scales on their own: the metrics (views of out) are the caller's to modify.
         scales = out[5:].clone()
-        ctx.save_for_backward(rows, ids, t_rows, tokens.active, m, log_sum, mean_rel, coef, scales,
+        ctx.save_for_backward(logits, ids, t_rows, tokens.active, m, log_sum, mean_rel, coef, scales,
                               None if mask is None or o.entropy_coef == 0.0 else mask)
-        ctx.t_scalar, ctx.backend, ctx.inplace, ctx.entropy = t_scalar, backend, o.inplace_backward, o.entropy_coef
+        ctx.row_start, ctx.t_scalar, ctx.backend = row_start, t_scalar, backend
+        ctx.inplace, ctx.entropy = o.inplace_backward, o.entropy_coef
         ctx.mark_non_differentiable(out, logprobs)
         ctx.set_materialize_grads(False)  # no zero tensors for the gradients of the metric outputs
-        if tokens.invalid is not None:
-            loss = torch.where(tokens.invalid, float("nan"), loss)
         return loss, out, logprobs
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss, _grad_out, _grad_logprobs):
-        rows, ids, t_rows, active, m, log_sum, mean_rel, coef, scales, mask = ctx.saved_tensors
+        logits, ids, t_rows, active, m, log_sum, mean_rel, coef, scales, mask = ctx.saved_tensors
         grad_logprobs = coef * (grad_loss * scales[0])
         grad_entropy = None
         if ctx.entropy != 0.0:
             e = grad_loss * scales[1]
             grad_entropy = e.expand_as(coef) if mask is None else mask * e
-        grad = sweep_backward(rows, ids, ctx.t_scalar, t_rows, active, m, log_sum, mean_rel, grad_logprobs,
-                              grad_entropy, 0, ctx.backend, ctx.inplace)
-        return grad, None, None, None
+        grad = sweep_backward(logits, ctx.row_start, ids, ctx.t_scalar, t_rows, active, m, log_sum, mean_rel,
+                              grad_logprobs, grad_entropy, 0, ctx.backend, ctx.inplace)
+        return grad, None, None, None, None
 
 
-def _token_level(logits: Tensor, tokens: Tokens, o: GRPOOptions, backend: str) -> tuple[Tensor, Metrics]:
-    rows = tokens.layout.logits_rows(logits)
+def _metrics(out: Tensor, logprobs: Tensor, tokens: Tokens, o: GRPOOptions) -> Metrics:
+    return {"kl": out[0] if o.beta != 0.0 else None, "entropy": out[1], "clip_ratio_low": out[2],
+            "clip_ratio_high": out[3], "clip_ratio_region": out[4], "logprobs": tokens.layout.unflat(logprobs)}
+
+
+def _triton_loss(logits: Tensor, tokens: Tokens, o: GRPOOptions, backend: str, two_passes: bool
+                 ) -> tuple[Tensor, Metrics]:
+    """The clipped family on the Triton backend: in two passes when token-local, else three."""
+    full, row_start = tokens.layout.scored_rows(logits)
     if o.inplace_backward:
-        check_inplace(rows)
-    loss, out, logprobs = TokenLevelLoss.apply(rows, tokens, o, backend)
-    metrics: Metrics = {"kl": out[0] if o.beta != 0.0 else None, "entropy": out[1], "clip_ratio_low": out[2],
-                        "clip_ratio_high": out[3], "clip_ratio_region": out[4],
-                        "logprobs": tokens.layout.unflat(logprobs)}
-    return loss, metrics
+        check_inplace(full)
+    if two_passes:
+        loss, out, logprobs = two_pass.fused_loss(full, row_start, tokens, o)
+    else:
+        loss, out, logprobs = TokenLevelLoss.apply(full, row_start, tokens, o, backend)
+    if tokens.invalid is not None:
+        loss = torch.where(tokens.invalid, float("nan"), loss)
+    return loss, _metrics(out, logprobs, tokens, o)
 
 
 def _vocab(logits: Tensor, tp_group, vocab_start: int | None) -> tuple[int, int]:
@@ -253,7 +150,7 @@ def token_logprobs(
                           needs_advantages=False)
     name = resolve_backend(o.backend, logits.device)
     require(name, logits.device)
-    logprobs, entropy = sweep(logits, tokens, name, False, tp_group, start)
+    logprobs, entropy = sweep(logits, tokens, name, False, tp_group, start, need_entropy=return_entropy)
     return logprobs_result(tokens, logprobs, entropy, completion_ids.shape, return_entropy)
 
 
@@ -298,7 +195,9 @@ def fused_grpo_loss(
                           sampling_logprobs, cu_seqlens, o, logits=logits, vocab_size=V)
     name = resolve_backend(o.backend, logits.device)
     require(name, logits.device)
+    if name == "triton" and loss_triton.token_local(o, tokens, tp_group):
+        return _triton_loss(logits, tokens, o, name, two_passes=True)
     if loss_triton.supports(o, tokens, name, tp_group):
-        return _token_level(logits, tokens, o, name)
+        return _triton_loss(logits, tokens, o, name, two_passes=False)
     logprobs, entropy = sweep(logits, tokens, name, o.inplace_backward, tp_group, start)
     return objective(logprobs, entropy, tokens, o)

@@ -160,6 +160,11 @@ class GRPOOptions:
     vllm_importance_sampling_mode: str | None = None
     vllm_importance_sampling_clip_max: float | None = 3.0
     vllm_importance_sampling_clip_min: float | None = None
+    # The upstream gradient the caller's backward will bring to the loss (1 / gradient accumulation
+    # steps, an AMP loss scale): a promise, never a change of value. Where the gradient is computed
+    # in the forward (the two-pass and fused-linear paths), it is written already scaled by this,
+    # so the backward is free when the promise holds and one scaling pass when it does not.
+    grad_scale: float = 1.0
 
     def __post_init__(self) -> None:
         _choice("loss_type", self.loss_type, ALL_LOSS_TYPES)
@@ -177,6 +182,8 @@ class GRPOOptions:
         check_temperature(self.temperature)
         check_bool("use_bias_correction_kl", self.use_bias_correction_kl)
         check_bool("inplace_backward", self.inplace_backward)
+        if _finite("grad_scale", self.grad_scale) == 0.0:
+            raise ValueError("grad_scale must be finite and non-zero (the upstream gradient the loss will get)")
         for name in ("sapo_temperature_pos", "sapo_temperature_neg"):
             if not _finite(name, getattr(self, name)) > 0.0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")

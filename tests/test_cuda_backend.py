@@ -1,4 +1,4 @@
-"""The CUDA C++ sweep (csrc/, grpo_kernels.cuda): how it reports itself where it cannot run,
+"""The CUDA C++ sweep (csrc/, grpo_kernels.sweep.cuda): how it reports itself where it cannot run,
 and, on a GPU, its forward and backward (the backend sweep contract of docs/design.md)
 against float64 PyTorch formulas written here.
 
@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import grpo_kernels
-from grpo_kernels import cuda
+from grpo_kernels.sweep import cuda
 
 # --- Where the backend cannot run ------------------------------------------------------------
 

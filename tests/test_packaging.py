@@ -1,9 +1,9 @@
 """What a user installs works: the wheel and the sdist, built here the way pip builds them.
 
-The wheel must carry the CUDA sources (grpo_kernels/csrc/) that grpo_kernels.cuda compiles on
+The wheel must carry the CUDA sources (grpo_kernels/csrc/) that grpo_kernels.sweep.cuda compiles on
 first use, and the licence; the sdist must carry csrc/ and the licence, and a wheel built from
 it the sources again. The wheel is unpacked (not installed: a fresh venv would need torch) and
-imported from there, away from the checkout, to check that grpo_kernels.cuda finds the shipped
+imported from there, away from the checkout, to check that grpo_kernels.sweep.cuda finds the shipped
 sources. The `trl` extra is read from the wheel's metadata.
 
 The builds call setuptools' PEP 517 hooks in a subprocess, as `pip wheel --no-build-isolation`
@@ -100,13 +100,13 @@ def test_sdist_ships_csrc_and_license_and_builds_a_complete_wheel(dists):
 
 
 def test_installed_wheel_finds_its_cuda_sources(dists):
-    """grpo_kernels.cuda imported from the unpacked wheel, with no checkout around it, finds the
+    """grpo_kernels.sweep.cuda imported from the unpacked wheel, with no checkout around it, finds the
     sources it ships (the first-use build of backend='cuda' compiles those)."""
     site = dists["tmp"] / "site" / "lib"
     with zipfile.ZipFile(dists["wheel"]) as zf:
         zf.extractall(site)
     assert not (site.parent / "csrc").exists()  # where the checkout's csrc/ would be
-    probe = ("import grpo_kernels.cuda as c; print(c.__file__); print(c.source_dir()); "
+    probe = ("import grpo_kernels.sweep.cuda as c; print(c.__file__); print(c.source_dir()); "
              "print(c.source_dir() is not None and all((c.source_dir() / n).is_file() for n in c.SOURCES))")
     env = {**os.environ, "PYTHONPATH": str(site)}
     done = subprocess.run([sys.executable, "-c", probe], cwd=dists["tmp"], env=env, capture_output=True, text=True,
@@ -119,7 +119,7 @@ def test_installed_wheel_finds_its_cuda_sources(dists):
 
 
 def test_checkout_finds_the_repository_csrc():
-    from grpo_kernels import cuda
+    from grpo_kernels.sweep import cuda
 
     assert cuda.source_dir() is not None
     assert all((cuda.source_dir() / name).is_file() for name in cuda.SOURCES)

@@ -135,8 +135,49 @@ def loss_launches():
             yield ("sums-" + suffix, *loss_triton.sums_launch(sums, tokens, o, torch.empty(()), torch.empty(7)))
 
 
+def two_pass_launches():
+    """The two-pass loss (sweep/two_pass.py) at V = 151,936 split over programs (as a GPU runs it, not
+    the interpreter's unsplit rows), each dtype, with the plan and coefficient kernels of loss_triton."""
+    from grpo_kernels import loss_triton
+    from grpo_kernels.layout import build_tokens
+    from grpo_kernels.options import GRPOOptions
+    from grpo_kernels.sweep import two_pass
+
+    B, T = 2, 4
+    n = B * T
+    ids = torch.zeros(B, T, dtype=torch.int64)
+    for name, keywords, packed in (("dapo-beta", dict(beta=0.04), False),
+                                   ("grpo-entropy-temp", dict(loss_type="grpo", beta=0.04, entropy_coef=0.01,
+                                                              temperature=torch.ones(n)), True),
+                                   ("bnpo-delta-dual", dict(loss_type="bnpo", delta=2.0, dual_clip=3.0), False)):
+        o = GRPOOptions(**keywords)
+        if packed:
+            tokens = build_tokens(ids.reshape(-1), torch.empty(B, 1), torch.ones(n, dtype=torch.bool), torch.empty(n),
+                                  torch.empty(n), None, None, torch.tensor([0, 3, n]), o)
+        else:
+            tokens = build_tokens(ids, torch.empty(B), torch.ones(B, T, dtype=torch.bool), torch.empty(B, T),
+                                  torch.empty(B, T), None, None, None, o)
+        plan = loss_triton.Plan(tokens, o, 1.0, run=False)
+        for i, (kernel, grid, args, meta) in enumerate(plan.launches):
+            yield (f"plan{i}-{name}", kernel, grid, args, meta)
+        yield (f"coef-{name}", *plan.coefficients_launch(torch.empty(n), torch.empty(n), 0, torch.empty(n),
+                                                          torch.empty(n)))
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            V = 151936
+            full = torch.empty(B, T + 1, V, dtype=dtype)
+            rows = full[:, :-1]
+            for block, warps in ((8192, 8), (4096, 4)):
+                yield (f"two-pass-{name}-{str(dtype).removeprefix('torch.')}-B{block}w{warps}",
+                       *two_pass.two_pass_launch(rows, rows, tokens, plan, torch.empty(n), torch.empty(n),
+                                                 o.entropy_coef != 0.0, torch.zeros(n + 1, dtype=torch.int32),
+                                                 torch.empty(n * 19 * 3), block, warps))
+
+
 def main() -> int:
-    for name, kernel, _grid, args, meta in (*shipped_launches(), *loss_launches()):
+    only = sys.argv[1] if len(sys.argv) > 1 else None
+    launches = {"two_pass": two_pass_launches}.get(only)
+    for name, kernel, _grid, args, meta in (launches() if launches else (*shipped_launches(), *loss_launches(),
+                                                                          *two_pass_launches())):
         for arch in ARCHS:
             print(json.dumps(report(name, compile_launch(kernel, args, meta, arch), arch)), flush=True)
     return 0

@@ -2,7 +2,7 @@
 
 - pytorch.py chunked PyTorch: the CPU path and the fallback
 - triton.py  the Triton kernels (CUDA, or the CPU under TRITON_INTERPRET=1)
-- grpo_kernels/cuda.py loads and calls the CUDA C++ sweeps of csrc/
+- grpo_kernels/sweep/cuda.py loads and calls the CUDA C++ sweeps of csrc/
 """
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ def backend_module(name: str) -> ModuleType:
         from . import triton as triton_sweep
 
         return triton_sweep
-    from .. import cuda
+    from . import cuda
 
     return cuda
 
@@ -54,6 +54,6 @@ def backend_module(name: str) -> ModuleType:
 def require(name: str, device: torch.device) -> None:
     """Raise a clear error now, not at the first kernel, if backend `name` cannot run on `device`."""
     if name == "cuda" and device.type != "meta":
-        from .. import cuda
+        from . import cuda
 
         cuda.require(device)

@@ -70,6 +70,28 @@ def online_softmax_step(m, s, u, z, AXIS: tl.constexpr):
 
 
 @triton.jit
+def online_logsumexp_step(m, s, z, AXIS: tl.constexpr):
+    """online_softmax_step without u: (m, s) only, for a sweep that needs no entropy."""
+    m_new = tl.maximum(m, tl.max(z, axis=AXIS))
+    shift = tl.where(m_new == -float("inf"), 0.0, m_new)
+    s = s * tl.exp(m - shift) + tl.sum(tl.exp(z - tl.expand_dims(shift, AXIS)), axis=AXIS)
+    return m_new, s
+
+
+@triton.jit
+def merge_statistics(m, s, u, AXIS: tl.constexpr):
+    """Merges pieces of a row (their maxima m, s = sum exp(z - m), u = sum exp(z - m)(z - m),
+    along AXIS) into the row's (m, s, u), measured from the common max; as stats.py's rebase:
+    a piece with s = 0 (all -inf, or nothing read) contributes 0."""
+    m_all = tl.max(m, axis=AXIS)
+    shift = tl.where(m_all == -float("inf"), 0.0, m_all)
+    live = s > 0.0
+    rel = tl.where(live, m - tl.expand_dims(shift, AXIS), 0.0)
+    w = tl.where(live, tl.exp(rel), 0.0)
+    return m_all, tl.sum(w * s, axis=AXIS), tl.sum(w * (u + rel * s), axis=AXIS)
+
+
+@triton.jit
 def inv_temperature_of(t):
     """1 / t, NaN for a temperature <= 0 or not finite (a bad per-token temperature is never a number)."""
     return tl.where((t > 0.0) & (t < float("inf")), 1.0 / t, float("nan"))
@@ -113,10 +135,11 @@ def _sweep_fwd_kernel(
     logits_ptr, ids_ptr, temperature_ptr, active_ptr, out0_ptr, out1_ptr, out2_ptr, out3_ptr, out4_ptr,
     T, stride_b, stride_t, V, vocab_start, inv_temperature,
     BLOCK_V: tl.constexpr, ROWS_ALIGNED: tl.constexpr, HAS_ACTIVE: tl.constexpr,
-    PER_ROW_TEMPERATURE: tl.constexpr, PARTIAL: tl.constexpr,
+    PER_ROW_TEMPERATURE: tl.constexpr, PARTIAL: tl.constexpr, ENTROPY: tl.constexpr,
 ):
     """Reads logits[row, :] (active rows only), ids[row], temperature[row], active[row].
-    Writes fp32 [row]: out0..4 = logprob, entropy, m, log s, u/s; PARTIAL: out0..3 = m, s, u, z_y."""
+    Writes fp32 [row]: out0..4 = logprob, entropy, m, log s, u/s; PARTIAL: out0..3 = m, s, u, z_y.
+    Without ENTROPY the u sums are not computed and entropy, u/s are NaN."""
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + _row_offset(row, T, stride_b, stride_t, ROWS_ALIGNED)
     active, inv_t = _row_setup(row, temperature_ptr, active_ptr, inv_temperature, HAS_ACTIVE, PER_ROW_TEMPERATURE)
@@ -127,7 +150,12 @@ def _sweep_fwd_kernel(
     u = 0.0
     for start in range(0, V * active, BLOCK_V):  # no iteration, and no read, for an inactive row
         z = tl.load(row_ptr + start + cols, mask=start + cols < V, other=-float("inf")).to(tl.float32)
-        m, s, u = online_softmax_step(m, s, u, z * inv_t, 0)
+        if ENTROPY:
+            m, s, u = online_softmax_step(m, s, u, z * inv_t, 0)
+        else:
+            m, s = online_logsumexp_step(m, s, z * inv_t, 0)
+    if not ENTROPY:
+        u = float("nan") * s
 
     y = tl.load(ids_ptr + row).to(tl.int64) - vocab_start
     owned = (y >= 0) & (y < V)
@@ -230,14 +258,16 @@ def row_args(ids, temperature, active):
             dict(HAS_ACTIVE=active is not None, PER_ROW_TEMPERATURE=per_row))
 
 
-def forward_launch(logits, ids, temperature, active, outs, vocab_start=0, partial=False):
-    """(kernel, grid, args, meta) of the forward sweep writing the tensors `outs` (five, or four with partial)."""
+def forward_launch(logits, ids, temperature, active, outs, vocab_start=0, partial=False, entropy=True):
+    """(kernel, grid, args, meta) of the forward sweep writing the tensors `outs` (five, or four with partial);
+    without `entropy`, the entropy and u/s outputs are NaN and cost nothing."""
     B, T, V = logits.shape
     block_v, num_warps = _launch_config(V)
     temp_arg, active_arg, inv, flags = row_args(ids, temperature, active)
     outs = list(outs) + [outs[0]] * (5 - len(outs))
     args = (logits, ids, temp_arg, active_arg, *outs, T, logits.stride(0), logits.stride(1), V, vocab_start, inv)
-    meta = dict(BLOCK_V=block_v, ROWS_ALIGNED=_rows_aligned(logits), PARTIAL=partial, num_warps=num_warps, **flags)
+    meta = dict(BLOCK_V=block_v, ROWS_ALIGNED=_rows_aligned(logits), PARTIAL=partial, ENTROPY=entropy or partial,
+                num_warps=num_warps, **flags)
     return _sweep_fwd_kernel, (B * T,), args, meta
 
 
@@ -256,13 +286,15 @@ def backward_launch(logits, ids, temperature, active, m, log_sum, mean_rel, grad
     return _sweep_bwd_kernel, (B * T,), args, meta
 
 
-def forward(logits, ids, temperature, active, vocab_start=0, partial=False):
-    """The backend contract's forward (docs/design.md): five (N,) fp32 tensors, or four with partial."""
+def forward(logits, ids, temperature, active, vocab_start=0, partial=False, entropy=True):
+    """The backend contract's forward (docs/design.md): five (N,) fp32 tensors, or four with partial
+    (without `entropy`: the entropy and u/s are NaN, not computed)."""
     _check_supported(logits)
     B, T, _ = logits.shape
     outs = tuple(torch.empty(B * T, dtype=torch.float32, device=logits.device) for _ in range(4 if partial else 5))
     if B * T > 0:
-        kernel, grid, args, meta = forward_launch(logits, ids, temperature, active, outs, vocab_start, partial)
+        kernel, grid, args, meta = forward_launch(logits, ids, temperature, active, outs, vocab_start, partial,
+                                                  entropy)
         kernel[grid](*args, **meta)
     return outs
 

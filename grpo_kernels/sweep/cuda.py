@@ -19,7 +19,8 @@ import torch
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Where the CUDA sources are: shipped as package data (grpo_kernels/csrc/, in a wheel), else the checkout's csrc/.
-CSRC_DIRS = (Path(__file__).resolve().parent / "csrc", Path(__file__).resolve().parent.parent / "csrc")
+_PACKAGE = Path(__file__).resolve().parent.parent  # grpo_kernels/
+CSRC_DIRS = (_PACKAGE / "csrc", _PACKAGE.parent / "csrc")
 SOURCES = ("binding.cpp", "grpo_sweep.cu", "two_pass.cu")
 # The JIT build targets the visible GPU (torch's default, or TORCH_CUDA_ARCH_LIST);
 # setup.py builds for sm_80 and sm_90 with the same optimisation flags.
@@ -36,7 +37,7 @@ def _load() -> tuple[ModuleType | None, str]:
     if not torch.cuda.is_available():
         return None, "no CUDA device is visible (torch.cuda.is_available() is False)"
     try:
-        from . import _C_sweep
+        from .. import _C_sweep
 
         return _C_sweep, ""
     except ImportError as error:  # not built, or built against another torch

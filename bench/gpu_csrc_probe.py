@@ -340,6 +340,27 @@ def timing(module):
             out = module.forward(view, kw["ids"], 0.7, None, None, 0)
             module.backward(view, kw["ids"], 0.7, None, None, out[2], out[3], out[4], gl, None, grad[:, :T], 0)
         add("three-pass csrc sweeps (forward + backward)", three_pass)
+        # Side by side: the Triton two-pass path of main (grpo_kernels.fused_grpo_loss on the full output,
+        # forward + backward through autograd, its plan kernels included), when it imports and time is left.
+        if B == 8 and elapsed() < BUDGET_S - 45:
+            try:
+                import grpo_kernels
+
+                leaf = logits.detach().clone().requires_grad_()
+                shape2 = (B, T)
+                args = (kw["ids"].view(shape2), kw["advantages"].view(shape2), kw["mask"].view(shape2) > 0,
+                        kw["old_logprobs"].view(shape2), kw["ref_logprobs"].view(shape2))
+
+                def triton_step():
+                    leaf.grad = None
+                    loss, _ = grpo_kernels.fused_grpo_loss(leaf, *args, beta=0.04, backend="triton")
+                    loss.backward()
+                triton_step()  # compile outside the timing
+                add("triton fused_grpo_loss fwd+bwd (main, with autograd + plan)", triton_step)
+                del leaf
+            except Exception as error:  # noqa: BLE001
+                rows.append({"tokens": tokens, "what": "triton fused_grpo_loss", "error": str(error)[:300]})
+                print(f"  triton side by side: {error}", flush=True)
         del logits, dst, grad, view
         torch.cuda.empty_cache()
     return rows

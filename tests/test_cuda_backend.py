@@ -536,7 +536,8 @@ def test_rejects_what_it_cannot_run(device):
 # sequence scored; returns the gradient of the whole tensor and logprobs / entropy / sums. The
 # float64 contract is tests/two_pass_reference.py (torch ops only, independent of the kernel).
 
-from two_pass_reference import two_pass_reference  # noqa: E402  (tests/ is on sys.path)
+from two_pass_reference import (OPTION_SETS, check_two_pass, make_two_pass_inputs, nan_poisoned,  # noqa: E402
+                                reference_two_pass)  # (tests/ is on sys.path)
 
 
 def test_two_pass_unavailable_says_why():
@@ -555,79 +556,6 @@ def two_pass_device(device):
     return device
 
 
-OPTION_SETS = {
-    # dapo with k3 KL: the common case.
-    "dapo_k3": dict(old=True, ref=True, rollout=False, beta=0.04, eps_low=0.2, eps_high=0.28, kl_estimator=3),
-    # Every option at once: delta, dual clip, rollout IS weights, k2 with the ratio weight, entropy bonus.
-    "everything": dict(old=True, ref=True, rollout=True, beta=0.1, eps_low=0.2, eps_high=0.2, delta=1.5,
-                       dual_clip=3.0, kl_estimator=2, kl_ratio_weight=True, has_entropy_grad=True),
-    # On-policy (no old: ratio 1), k1, entropy bonus, no KL weight.
-    "on_policy_k1": dict(old=False, ref=True, rollout=False, beta=0.02, eps_low=0.2, eps_high=0.28, kl_estimator=1,
-                         has_entropy_grad=True),
-    # No KL at all.
-    "no_kl": dict(old=True, ref=False, rollout=False, beta=0.0, eps_low=0.1, eps_high=0.3, kl_estimator=3),
-}
-
-
-def make_two_pass_inputs(B, L, V, T, row_start, dtype, device, seed, options, *, temperature="scalar",
-                         active_fraction=1.0, shifted=False):
-    """Logits (B, L, V) (rows starting off a 16-byte boundary when `shifted`) and the per-token
-    inputs of two_pass, as the keyword arguments of cuda.two_pass / two_pass_reference."""
-    g = torch.Generator(device=device).manual_seed(seed)
-    full = (torch.randn(B, L, V + int(shifted), generator=g, device=device) * 3.0).to(dtype)
-    logits = full[..., int(shifted):]
-    N = B * T
-    ids = torch.randint(0, V, (N,), generator=g, device=device)
-    temperature_rows = None
-    inv_temperature = 1.0 / 0.7
-    if temperature == "per_row":
-        temperature_rows = 0.5 + torch.rand(N, generator=g, device=device)
-    # The true log-probs, so old / ref put the ratio around 1 (some clipped, some not).
-    t_rows = temperature_rows.double() if temperature_rows is not None else torch.full((N,), 0.7, device=device,
-                                                                                       dtype=torch.float64)
-    x = logits[:, row_start:row_start + T].reshape(N, V).double() / t_rows[:, None]
-    lp = torch.log_softmax(x, -1).gather(1, ids[:, None])[:, 0].float()
-    mask = (torch.rand(N, generator=g, device=device) < 0.85).float()
-    active = None
-    if active_fraction < 1.0:
-        active = torch.rand(N, generator=g, device=device) < active_fraction
-        active[0] = False
-        mask = mask * active.float()
-    n = max(float(mask.sum()), 1.0)
-    kw = dict(
-        logits=logits, row_start=row_start, T=T, ids=ids, inv_temperature=inv_temperature,
-        temperature_rows=temperature_rows, active=active, w=mask / n, mask=mask,
-        advantages=torch.randn(N, generator=g, device=device),
-        old_logprobs=lp + 0.3 * torch.randn(N, generator=g, device=device) if options["old"] else None,
-        ref_logprobs=lp + 0.2 * torch.randn(N, generator=g, device=device) if options["ref"] else None,
-        rollout=0.5 + torch.rand(N, generator=g, device=device) if options["rollout"] else None,
-        scalars=torch.tensor([1.0 * 1.7, -0.01 / n * 1.7], device=device),
-    )
-    kw.update({k: v for k, v in options.items() if k not in ("old", "ref", "rollout")})
-    return kw
-
-
-def check_two_pass(kw, got, want, dtype):
-    """got = cuda.two_pass's (grad, logprobs, entropy, sums), want = the float64 contract's."""
-    grad, lp, H, sums = got
-    w_grad, w_lp, w_H, w_sums = want
-    x = kw["logits"].double()
-    finite = x[torch.isfinite(x)]
-    t_min = 0.5 if kw["temperature_rows"] is not None else 0.7
-    atol = 4e-6 * (1 + (float(finite.abs().max()) if finite.numel() else 0.0) / t_min)
-    for name, a, b in (("logprobs", lp, w_lp), ("entropy", H, w_H), ("sums", sums, w_sums)):
-        assert a.dtype == torch.float32 and a.shape == b.shape, name
-        assert torch.equal(torch.isnan(a), torch.isnan(b)), name
-        ok = ~torch.isnan(b)
-        tol = atol if name != "sums" else atol * 10 * (1 + b[ok].abs())
-        assert ((a.double()[ok] - b[ok]).abs() <= tol).all(), (name, float((a.double()[ok] - b[ok]).abs().max()))
-    assert grad.dtype == dtype and grad.shape == kw["logits"].shape
-    assert torch.equal(torch.isnan(grad), torch.isnan(w_grad))
-    ok = ~torch.isnan(w_grad)
-    assert rel_err(grad[ok], w_grad[ok]) < TOL[dtype]
-    assert (grad[w_grad == 0] == 0).all()  # rows outside the window and inactive rows: exactly 0
-
-
 def run_two_pass(kw, grad=None, cluster_size=0):
     kw = dict(kw)
     logits = kw.pop("logits")
@@ -635,19 +563,6 @@ def run_two_pass(kw, grad=None, cluster_size=0):
                          kw.pop("temperature_rows"), kw.pop("active"), kw.pop("w"), kw.pop("mask"),
                          kw.pop("advantages"), kw.pop("old_logprobs"), kw.pop("ref_logprobs"), kw.pop("rollout"),
                          kw.pop("scalars"), grad=grad, cluster_size=cluster_size, **kw)
-
-
-def reference_two_pass(kw):
-    kw = dict(kw)
-    logits = kw.pop("logits")
-    return two_pass_reference(logits, kw.pop("row_start"), kw.pop("T"), kw.pop("ids"), kw.pop("inv_temperature"),
-                              kw.pop("temperature_rows"), kw.pop("active"), kw.pop("w"), kw.pop("mask"),
-                              kw.pop("advantages"), kw.pop("old_logprobs"), kw.pop("ref_logprobs"), kw.pop("rollout"),
-                              kw.pop("scalars"), **kw)
-
-
-def nan_poisoned(logits):
-    return torch.full(logits.shape, float("nan"), dtype=logits.dtype, device=logits.device)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

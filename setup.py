@@ -53,7 +53,7 @@ def _cuda_extension_or_reason():
         return None, "nvcc was not found (put it on PATH or set CUDA_HOME)"
     extension = cpp_extension.CUDAExtension(
         name="grpo_kernels._C_sweep",
-        sources=["csrc/binding.cpp", "csrc/grpo_sweep.cu"],
+        sources=["csrc/binding.cpp", "csrc/grpo_sweep.cu", "csrc/two_pass.cu"],
         extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo", *GENCODE]},
     )
     return ([extension], {"build_ext": cpp_extension.BuildExtension}), ""

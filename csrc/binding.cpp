@@ -22,10 +22,14 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <map>
+#include <mutex>
+#include <tuple>
 #include <optional>
 #include <vector>
 
 #include "grpo_sweep.h"
+#include "two_pass.h"
 
 namespace {
 
@@ -161,6 +165,161 @@ void backward(const at::Tensor& logits, const at::Tensor& ids, double temperatur
                  "grpo_sweep_backward");
 }
 
+// ---------------------------------------------------------------------------------------
+// The two-pass loss (two_pass.h): logits (B, L, V), the rows [row_start, row_start + T) of each
+// sequence scored, every per-token tensor (N,) with N = B * T.
+
+// A per-token tensor of N elements as a contiguous fp32 (or `dtype`) tensor on the logits' device.
+at::Tensor token_vector(const at::Tensor& t, const at::Tensor& logits, int64_t N, at::ScalarType dtype,
+                        const char* name) {
+    TORCH_CHECK(t.device() == logits.device(), name, " is on ", t.device(), " but logits are on ", logits.device());
+    TORCH_CHECK(t.numel() == N && (t.dim() == 1 || t.dim() == 2), name, " must have N = B * T = ", N,
+                " elements as (N,) or (B, T), got shape ", t.sizes());
+    return t.to(dtype).contiguous().view({N});
+}
+
+std::optional<at::Tensor> optional_token_vector(const std::optional<at::Tensor>& t, const at::Tensor& logits,
+                                                int64_t N, at::ScalarType dtype, const char* name) {
+    if (!t.has_value()) return std::nullopt;
+    return token_vector(*t, logits, N, dtype, name);
+}
+
+const float* float_ptr(const std::optional<at::Tensor>& t) {
+    return t.has_value() ? t->data_ptr<float>() : nullptr;
+}
+
+// (cluster size, dynamic shared memory per block) the kernel would use for these logits; raises
+// with the reason (no clusters below sm_90, a row too long to hold on chip) when it cannot run.
+// Planning queries the device (occupancy of each cluster size), so plans are kept per
+// (device, dtype, V, requested size).
+std::vector<int64_t> two_pass_plan(const at::Tensor& logits, int64_t cluster_size) {
+    check_vocab_tensor(logits, "logits");
+    const c10::cuda::CUDAGuard guard(logits.device());
+    static std::mutex mutex;
+    static std::map<std::tuple<int, int, int64_t, int64_t>, std::vector<int64_t>> plans;
+    const auto key = std::make_tuple(static_cast<int>(logits.device().index()), static_cast<int>(dtype_of(logits)),
+                                     logits.size(2), cluster_size);
+    {
+        const std::lock_guard<std::mutex> lock(mutex);
+        const auto found = plans.find(key);
+        if (found != plans.end()) return found->second;
+    }
+    int blocks = 0;
+    size_t smem = 0;
+    char why[384] = {0};
+    const cudaError_t status = grpo_two_pass_plan(dtype_of(logits), logits.size(2), logits.device().index(),
+                                                  static_cast<int>(cluster_size), &blocks, &smem, why, sizeof why);
+    TORCH_CHECK(status == cudaSuccess, why[0] != 0 ? why : cudaGetErrorString(status));
+    std::vector<int64_t> plan{blocks, static_cast<int64_t>(smem)};
+    const std::lock_guard<std::mutex> lock(mutex);
+    plans[key] = plan;
+    return plan;
+}
+
+std::vector<at::Tensor> two_pass(const at::Tensor& logits, int64_t row_start, int64_t T, const at::Tensor& ids,
+                                 double inv_temperature, const std::optional<at::Tensor>& temperature_rows,
+                                 const std::optional<at::Tensor>& active, const at::Tensor& w, const at::Tensor& mask,
+                                 const at::Tensor& advantages, const std::optional<at::Tensor>& old_logprobs,
+                                 const std::optional<at::Tensor>& ref_logprobs,
+                                 const std::optional<at::Tensor>& rollout, const at::Tensor& scalars, double beta,
+                                 double eps_low, double eps_high, std::optional<double> delta,
+                                 std::optional<double> dual_clip, int64_t kl_estimator, bool kl_ratio_weight,
+                                 bool has_entropy_grad, const at::Tensor& grad, int64_t cluster_size) {
+    check_vocab_tensor(logits, "logits");
+    check_vocab_tensor(grad, "grad");
+    const grpo_dtype dtype = dtype_of(logits);
+    TORCH_CHECK(grad.sizes() == logits.sizes(), "grad must have the logits' shape ", logits.sizes(), ", got ",
+                grad.sizes());
+    TORCH_CHECK(grad.scalar_type() == logits.scalar_type(), "grad must have the logits' dtype ",
+                logits.scalar_type(), ", got ", grad.scalar_type());
+    TORCH_CHECK(grad.device() == logits.device(), "grad is on ", grad.device(), " but logits are on ",
+                logits.device());
+    at::assert_no_internal_overlap(grad);
+    const auto overlap = at::get_overlap_status(logits, grad);
+    TORCH_CHECK(overlap == at::MemOverlapStatus::No ||
+                    (overlap == at::MemOverlapStatus::Full && grad.strides() == logits.strides()),
+                "grad must either be the logits themselves (in place) or not overlap them");
+    const int64_t B = logits.size(0), L = logits.size(1), V = logits.size(2);
+    TORCH_CHECK(T >= 0 && row_start >= 0 && row_start <= L - T, "the scored rows [row_start, row_start + T) = [",
+                row_start, ", ", row_start + T, ") must lie within the ", L, " positions of the logits");
+    TORCH_CHECK(kl_estimator >= 1 && kl_estimator <= 3, "kl_estimator must be 1, 2 or 3, got ", kl_estimator);
+    TORCH_CHECK(cluster_size >= 0 && cluster_size <= 16 && (cluster_size & (cluster_size - 1)) == 0,
+                "cluster_size must be 0 (choose), 1, 2, 4, 8 or 16, got ", cluster_size);
+    TORCH_CHECK(scalars.is_cuda() && scalars.device() == logits.device() && scalars.scalar_type() == at::kFloat &&
+                    scalars.numel() == 2 && scalars.is_contiguous(),
+                "scalars must be a contiguous (2,) float32 tensor on the logits' device, got ", scalars.sizes(), " ",
+                scalars.scalar_type(), " on ", scalars.device());
+    if (!temperature_rows.has_value()) {
+        TORCH_CHECK(std::isfinite(inv_temperature) && inv_temperature > 0.0,
+                    "inv_temperature must be finite and > 0, got ", inv_temperature);
+    }
+    for (const auto& [value, name] : {std::pair<std::optional<double>, const char*>{delta, "delta"},
+                                      {dual_clip, "dual_clip"}}) {
+        TORCH_CHECK(!value.has_value() || std::isfinite(*value), name, " must be finite, got ", *value);
+    }
+    const c10::cuda::CUDAGuard guard(logits.device());
+    const int64_t N = B * T;
+    const at::Tensor ids64 = token_vector(ids, logits, N, at::kLong, "ids");
+    const auto active8 = optional_token_vector(active, logits, N, at::kBool, "active");
+    const auto temperature32 = optional_token_vector(temperature_rows, logits, N, at::kFloat, "temperature_rows");
+    const at::Tensor w32 = token_vector(w, logits, N, at::kFloat, "w");
+    const at::Tensor mask32 = token_vector(mask, logits, N, at::kFloat, "mask");
+    const at::Tensor adv32 = token_vector(advantages, logits, N, at::kFloat, "advantages");
+    const auto old32 = optional_token_vector(old_logprobs, logits, N, at::kFloat, "old_logprobs");
+    const auto ref32 = optional_token_vector(ref_logprobs, logits, N, at::kFloat, "ref_logprobs");
+    const auto rollout32 = optional_token_vector(rollout, logits, N, at::kFloat, "rollout");
+
+    const auto options = logits.options().dtype(at::kFloat);
+    at::Tensor logprobs = at::empty({N}, options), entropy = at::empty({N}, options);
+    at::Tensor sums = at::empty({7, N}, options);
+
+    grpo_two_pass_args args{};
+    args.dtype = dtype;
+    args.logits = logits.data_ptr();
+    args.stride_b = logits.stride(0);
+    args.stride_l = logits.stride(1);
+    args.grad = grad.data_ptr();
+    args.grad_stride_b = grad.stride(0);
+    args.grad_stride_l = grad.stride(1);
+    args.B = B;
+    args.L = L;
+    args.V = V;
+    args.row_start = row_start;
+    args.T = T;
+    args.ids = ids64.data_ptr<int64_t>();
+    // bool is one byte, 0 or 1: the kernel reads it as uint8_t.
+    args.active = active8.has_value() ? reinterpret_cast<const uint8_t*>(active8->data_ptr<bool>()) : nullptr;
+    args.temperature_rows = float_ptr(temperature32);
+    args.inv_temperature = static_cast<float>(inv_temperature);
+    args.w = w32.data_ptr<float>();
+    args.mask = mask32.data_ptr<float>();
+    args.advantages = adv32.data_ptr<float>();
+    args.old_logprobs = float_ptr(old32);
+    args.ref_logprobs = float_ptr(ref32);
+    args.rollout = float_ptr(rollout32);
+    args.scalars = scalars.data_ptr<float>();
+    args.beta = static_cast<float>(beta);
+    args.eps_low = static_cast<float>(eps_low);
+    args.eps_high = static_cast<float>(eps_high);
+    args.delta = static_cast<float>(delta.value_or(0.0));
+    args.dual_clip = static_cast<float>(dual_clip.value_or(0.0));
+    args.has_delta = delta.has_value();
+    args.has_dual_clip = dual_clip.has_value();
+    args.kl_estimator = static_cast<int>(kl_estimator);
+    args.kl_ratio_weight = kl_ratio_weight;
+    args.has_entropy_grad = has_entropy_grad;
+    args.logprobs = logprobs.data_ptr<float>();
+    args.entropy = entropy.data_ptr<float>();
+    args.sums = sums.data_ptr<float>();
+    if (B * L > 0) {  // raises with the reason when the rows cannot be held on chip here
+        const std::vector<int64_t> plan = two_pass_plan(logits, cluster_size);
+        args.cluster_size = static_cast<int>(plan[0]);
+        args.smem_bytes = static_cast<size_t>(plan[1]);
+    }
+    check_launch(grpo_two_pass(&args, c10::cuda::getCurrentCUDAStream().stream()), "grpo_two_pass");
+    return {logprobs, entropy, sums};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -175,4 +334,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           py::arg("logits"), py::arg("ids"), py::arg("temperature"), py::arg("temperature_per_row"),
           py::arg("active"), py::arg("m"), py::arg("log_sum"), py::arg("mean_rel"), py::arg("grad_logprobs"),
           py::arg("grad_entropy"), py::arg("grad_out"), py::arg("vocab_start") = 0);
+    m.def("two_pass_plan", &two_pass_plan,
+          "[cluster size, shared memory bytes per block] of the two-pass kernel for these logits; raises with the "
+          "reason when it cannot hold their rows on chip",
+          py::arg("logits"), py::arg("cluster_size") = 0);
+    m.def("two_pass", &two_pass,
+          "The two-pass token-local loss (csrc/two_pass.h): writes every element of grad (B, L, V), returns "
+          "[logprobs (N,), entropy (N,), sums (7, N)]",
+          py::arg("logits"), py::arg("row_start"), py::arg("T"), py::arg("ids"), py::arg("inv_temperature"),
+          py::arg("temperature_rows"), py::arg("active"), py::arg("w"), py::arg("mask"), py::arg("advantages"),
+          py::arg("old_logprobs"), py::arg("ref_logprobs"), py::arg("rollout"), py::arg("scalars"),
+          py::arg("beta"), py::arg("eps_low"), py::arg("eps_high"), py::arg("delta"), py::arg("dual_clip"),
+          py::arg("kl_estimator"), py::arg("kl_ratio_weight"), py::arg("has_entropy_grad"), py::arg("grad"),
+          py::arg("cluster_size") = 0);
 }

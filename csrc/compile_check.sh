@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
 # Compile-only check of the CUDA sources, for machines without a GPU (CI: `make csrc-check`).
 #
-#  1. csrc/grpo_sweep.cu with nvcc for sm_80 and sm_90, warnings as errors (nvcc, host
-#     compiler and ptxas, which also rejects register spills and local memory), with the
-#     flags torch's CUDAExtension adds (no half operators / conversions) so the build that
-#     setup.py runs compiles too; prints ptxas's registers / spills / shared memory per kernel.
-#  2. The PTX of every kernel must use 16-byte global loads (ld.global.*v4), and the
+#  1. csrc/grpo_sweep.cu and csrc/two_pass.cu with nvcc for sm_80 and sm_90, warnings as
+#     errors (nvcc, host compiler and ptxas, which also rejects register spills and local
+#     memory), with the flags torch's CUDAExtension adds (no half operators / conversions) so
+#     the build that setup.py runs compiles too; prints ptxas's registers / spills / shared
+#     memory per kernel.
+#  2. The PTX of every sweep kernel must use 16-byte global loads (ld.global.*v4), and the
 #     backward kernels 16-byte stores: the vectorised path exists and is not optimised away.
+#     The two-pass kernels must copy 16-byte packs into shared memory (cp.async ... 16) and
+#     store 16-byte packs; on sm_90 their cluster variants must use the cluster barrier and
+#     distributed shared memory (barrier.cluster, mapa / shared::cluster).
 #  3. If a Python with torch is found (PYTHON, else .venv/bin/python, else python3),
 #     csrc/binding.cpp is compiled too (-fsyntax-only: a CPU torch has nothing to link).
 #
@@ -36,17 +40,18 @@ COMMON=(
 "$NVCC" --version | tail -n 2
 status=0
 for arch in $ARCHS; do
-    echo "== sm_$arch"
+    for src in grpo_sweep two_pass; do
+    echo "== sm_$arch $src.cu"
     if ! "$NVCC" "${COMMON[@]}" -gencode "arch=compute_$arch,code=sm_$arch" --resource-usage \
-            -c csrc/grpo_sweep.cu -o "$TMP/grpo_sweep_sm$arch.o" >"$TMP/ptxas_$arch.log" 2>&1; then
-        cat "$TMP/ptxas_$arch.log" >&2
-        echo "compile_check: nvcc failed for sm_$arch" >&2
+            -c "csrc/$src.cu" -o "$TMP/${src}_sm$arch.o" >"$TMP/ptxas_${src}_$arch.log" 2>&1; then
+        cat "$TMP/ptxas_${src}_$arch.log" >&2
+        echo "compile_check: nvcc failed for $src.cu on sm_$arch" >&2
         exit 1
     fi
     # One line per kernel: name with template arguments, registers, spills, shared memory.
     DEMANGLE=cat
     if command -v c++filt >/dev/null 2>&1; then DEMANGLE=c++filt; fi
-    "$DEMANGLE" <"$TMP/ptxas_$arch.log" | awk -v arch="sm_$arch" '
+    "$DEMANGLE" <"$TMP/ptxas_${src}_$arch.log" | awk -v arch="sm_$arch" '
         /Compiling entry function/ {
             name = $0; sub(/^[^\x27]*\x27(void )?/, "", name); sub(/\(anonymous namespace\)::/, "", name)
             sub(/\(.*/, "", name)
@@ -54,27 +59,55 @@ for arch in $ARCHS; do
         /spill stores/ { spills = $5 "/" $9 }
         /Used [0-9]+ registers/ {
             smem = 0; for (i = 1; i < NF; i++) if ($(i + 1) == "bytes" && $(i + 2) ~ /^smem/) smem = $i
-            printf "  %-5s %-44s %3d registers, spill stores/loads %s bytes, smem %s bytes\n", arch, name, $5, spills, smem
+            printf "  %-5s %-48s %3d registers, spill stores/loads %s bytes, static smem %s bytes\n", arch, name, $5, spills, smem
         }'
 
-    "$NVCC" "${COMMON[@]}" -arch="compute_$arch" -ptx csrc/grpo_sweep.cu -o "$TMP/grpo_sweep_$arch.ptx"
-    if ! awk '
-        /^\.visible \.entry|^\.entry|^\.weak \.entry/ { kernel = $NF; sub(/\($/, "", kernel); kernels[kernel] = 1 }
-        /ld\.global(\.nc)?\.v4\./ { loads[kernel]++ }
-        /st\.global\.v4\./        { stores[kernel]++ }
-        END {
-            bad = 0
-            for (k in kernels) {
-                if (!loads[k]) { print "  no 16-byte global load in " k; bad = 1 }
-                if (k ~ /backward/ && !stores[k]) { print "  no 16-byte global store in " k; bad = 1 }
-            }
-            exit bad
-        }' "$TMP/grpo_sweep_$arch.ptx"; then
-        echo "compile_check: sm_$arch PTX lacks vectorised accesses" >&2
-        status=1
+    "$NVCC" "${COMMON[@]}" -arch="compute_$arch" -ptx "csrc/$src.cu" -o "$TMP/${src}_$arch.ptx"
+    if [ "$src" = grpo_sweep ]; then
+        if ! awk '
+            /^\.visible \.entry|^\.entry|^\.weak \.entry/ { kernel = $NF; sub(/\($/, "", kernel); kernels[kernel] = 1 }
+            /ld\.global(\.nc)?\.v4\./ { loads[kernel]++ }
+            /st\.global\.v4\./        { stores[kernel]++ }
+            END {
+                bad = 0
+                for (k in kernels) {
+                    if (!loads[k]) { print "  no 16-byte global load in " k; bad = 1 }
+                    if (k ~ /backward/ && !stores[k]) { print "  no 16-byte global store in " k; bad = 1 }
+                }
+                exit bad
+            }' "$TMP/${src}_$arch.ptx"; then
+            echo "compile_check: sm_$arch PTX of $src.cu lacks vectorised accesses" >&2
+            status=1
+        else
+            echo "  sm_$arch PTX: every sweep kernel loads 16-byte packs; backward kernels store them"
+        fi
     else
-        echo "  sm_$arch PTX: every kernel loads 16-byte packs; backward kernels store them"
+        # Cluster kernels (template argument kCluster = true: "Lb1E" in the mangled name) must use
+        # the cluster barrier and distributed shared memory on sm_90; all must copy and store 16 B.
+        if ! awk -v arch="$arch" '
+            /^\.visible \.entry|^\.entry|^\.weak \.entry/ { kernel = $NF; sub(/\($/, "", kernel); kernels[kernel] = 1 }
+            /cp\.async\.cg\.shared\.global.*16;/ { copies[kernel]++ }
+            /st\.global\.v4\./                  { stores[kernel]++ }
+            /barrier\.cluster/                   { barriers[kernel]++ }
+            /mapa|shared::cluster/                { dsmem[kernel]++ }
+            END {
+                bad = 0
+                for (k in kernels) {
+                    if (!copies[k]) { print "  no 16-byte cp.async in " k; bad = 1 }
+                    if (!stores[k]) { print "  no 16-byte global store in " k; bad = 1 }
+                    if (arch >= 90 && k ~ /Lb1ELb/ && (!barriers[k] || !dsmem[k])) {
+                        print "  no cluster barrier / distributed shared memory in " k; bad = 1
+                    }
+                }
+                exit bad
+            }' "$TMP/${src}_$arch.ptx"; then
+            echo "compile_check: sm_$arch PTX of $src.cu lacks its copies, stores or cluster exchange" >&2
+            status=1
+        else
+            echo "  sm_$arch PTX: every two-pass kernel copies and stores 16-byte packs$( [ "$arch" -ge 90 ] && echo '; cluster kernels use barrier.cluster and distributed shared memory')"
+        fi
     fi
+    done
 done
 
 # 3. The torch binding, when torch's headers are at hand.

@@ -528,3 +528,177 @@ def test_rejects_what_it_cannot_run(device):
     with pytest.raises(RuntimeError, match="not overlap"):
         cuda.backward(full[..., :8], ids, 1.0, None, m, log_sum, mean_rel, torch.ones(6, device=device), None,
                       full[..., 1:])
+
+
+# --- The two-pass loss (csrc/two_pass.cu) against the float64 contract ---------------------------
+#
+# grpo_kernels.cuda.two_pass: logits (B, L, V), the rows [row_start, row_start + T) of each
+# sequence scored; returns the gradient of the whole tensor and logprobs / entropy / sums. The
+# float64 contract is tests/two_pass_reference.py (torch ops only, independent of the kernel).
+
+from two_pass_reference import (OPTION_SETS, check_two_pass, make_two_pass_inputs, nan_poisoned,  # noqa: E402
+                                reference_two_pass)  # (tests/ is on sys.path)
+
+
+def test_two_pass_unavailable_says_why():
+    """Off a GPU (or where the kernel cannot hold the rows) the reason is a sentence, not a crash."""
+    logits = torch.randn(2, 3, 5)
+    reason = cuda.two_pass_unavailable_reason(logits)
+    assert "CUDA tensors" in reason or "not available" in reason, reason
+
+
+@pytest.fixture(scope="module")
+def two_pass_device(device):
+    """The device, once the two-pass kernel can run there at a small V; skips with its reason."""
+    reason = cuda.two_pass_unavailable_reason(torch.empty(1, 1, 64, device=device))
+    if reason:
+        pytest.skip(reason)
+    return device
+
+
+def run_two_pass(kw, grad=None, cluster_size=0):
+    kw = dict(kw)
+    logits = kw.pop("logits")
+    return cuda.two_pass(logits, kw.pop("row_start"), kw.pop("T"), kw.pop("ids"), kw.pop("inv_temperature"),
+                         kw.pop("temperature_rows"), kw.pop("active"), kw.pop("w"), kw.pop("mask"),
+                         kw.pop("advantages"), kw.pop("old_logprobs"), kw.pop("ref_logprobs"), kw.pop("rollout"),
+                         kw.pop("scalars"), grad=grad, cluster_size=cluster_size, **kw)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("V", [7, 100, 4097, 32_001])
+@pytest.mark.parametrize("options", list(OPTION_SETS))
+def test_two_pass_matches_float64(two_pass_device, dtype, V, options):
+    """The model's full output (B, T + 1, V), the first T positions scored (Liger's layout), and
+    the last T (logits_to_keep), rows at every alignment; the gradient into a NaN-poisoned buffer."""
+    B, T = 3, 5
+    for seed, (L, row_start, shifted, temperature) in enumerate(
+            [(T + 1, 0, False, "scalar"), (T + 2, 2, True, "per_row"), (T, 0, True, "scalar")]):
+        kw = make_two_pass_inputs(B, L, V, T, row_start, dtype, two_pass_device, seed, OPTION_SETS[options],
+                                  temperature=temperature, shifted=shifted)
+        got = run_two_pass(kw, grad=nan_poisoned(kw["logits"]))
+        check_two_pass(kw, got, reference_two_pass(kw), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("V", [151_936, 262_144])
+def test_two_pass_long_rows(two_pass_device, dtype, V):
+    """Vocabularies that need a thread-block cluster (sm_90): every cluster size the device
+    allows gives the contract's numbers; where none can hold the row the plan says why."""
+    kw = make_two_pass_inputs(2, 4, V, 3, 1, dtype, two_pass_device, 5, OPTION_SETS["everything"],
+                              temperature="per_row", shifted=True)
+    try:
+        cuda.two_pass_plan(kw["logits"])
+    except RuntimeError as error:
+        assert "three-pass" in str(error)
+        pytest.skip(str(error))
+    want = reference_two_pass(kw)
+    check_two_pass(kw, run_two_pass(kw, grad=nan_poisoned(kw["logits"])), want, dtype)
+    for size in (1, 2, 4, 8, 16):
+        try:
+            cuda.two_pass_plan(kw["logits"], size)
+        except RuntimeError:
+            continue
+        check_two_pass(kw, run_two_pass(kw, grad=nan_poisoned(kw["logits"]), cluster_size=size), want, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shifted", [False, True])
+def test_two_pass_inactive_rows_are_never_read(two_pass_device, dtype, shifted):
+    """Inactive rows hold NaN logits, garbage ids, zero temperatures and NaN per-token inputs:
+    their outputs are exactly 0, their gradient rows 0, and the active rows are unaffected."""
+    B, L, T, V = 3, 9, 7, 4099
+    kw = make_two_pass_inputs(B, L, V, T, 1, dtype, two_pass_device, 21, OPTION_SETS["everything"],
+                              temperature="per_row", active_fraction=0.6, shifted=shifted)
+    clean = reference_two_pass(kw)
+    inactive = ~kw["active"]
+    r = inactive.nonzero()[:, 0]
+    kw["logits"][r // T, 1 + r % T] = float("nan")
+    kw["ids"][inactive] = -(10**15)
+    kw["temperature_rows"][inactive] = 0.0
+    for name in ("w", "mask", "advantages", "old_logprobs", "ref_logprobs", "rollout"):
+        kw[name][inactive] = float("nan")
+    got = run_two_pass(kw, grad=nan_poisoned(kw["logits"]))
+    check_two_pass(kw, got, clean, dtype)
+    for out in got[1:]:
+        assert (out[..., inactive] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_two_pass_in_place(two_pass_device, dtype):
+    """grad = logits: the same numbers as into a separate buffer, bitwise."""
+    kw = make_two_pass_inputs(2, 6, 32_001, 5, 0, dtype, two_pass_device, 31, OPTION_SETS["dapo_k3"])
+    apart = run_two_pass(kw, grad=nan_poisoned(kw["logits"]))
+    logits = kw["logits"]
+    inplace = run_two_pass(kw, grad=logits)
+    assert inplace[0] is logits
+    for a, b in zip(apart, inplace):
+        assert torch.equal(a, b)
+
+
+def test_two_pass_strided_output_view(two_pass_device):
+    """logits and grad as strided views of larger buffers (both leading strides padded)."""
+    dtype = torch.bfloat16
+    kw = make_two_pass_inputs(3, 6, 1000, 4, 1, dtype, two_pass_device, 41, OPTION_SETS["on_policy_k1"])
+    big = torch.randn(3, 9, 1003, device=two_pass_device).to(dtype)
+    view = big[:, 2:8, 3:]
+    view.copy_(kw["logits"])
+    kw["logits"] = view
+    grad_big = torch.full((4, 7, 1010), float("nan"), dtype=dtype, device=two_pass_device)
+    grad = grad_big[1:, 1:, 5:1005]
+    got = run_two_pass(kw, grad=grad)
+    check_two_pass(kw, got, reference_two_pass(kw), dtype)
+    assert torch.isnan(grad_big[0]).all() and torch.isnan(grad_big[:, 0]).all()  # nothing outside the view
+
+
+def test_two_pass_non_finite_inputs_poison_their_row(two_pass_device):
+    """A NaN or inf in one active row's per-token input makes its sums and gradient row NaN, never
+    a finite number; the other rows are unaffected."""
+    dtype = torch.float32
+    base = make_two_pass_inputs(2, 5, 777, 4, 1, dtype, two_pass_device, 51, OPTION_SETS["everything"])
+    for name, value in (("advantages", float("nan")), ("old_logprobs", float("inf")), ("w", float("nan")),
+                        ("ref_logprobs", -float("inf")), ("rollout", float("nan")), ("mask", float("inf"))):
+        kw = dict(base)
+        kw[name] = base[name].clone()
+        kw[name][3] = value
+        got = run_two_pass(kw, grad=nan_poisoned(kw["logits"]))
+        want = reference_two_pass(kw)
+        check_two_pass(kw, got, want, dtype)
+        assert torch.isnan(got[3][:, 3]).all(), name
+        assert torch.isnan(got[0][0, 1 + 3]).all(), name  # row 3 = b 0, position 1 + 3
+    kw = dict(base)
+    kw["ids"] = base["ids"].clone()
+    kw["ids"][2] = 777  # outside [0, V): NaN logprob, never an out-of-bounds read
+    got = run_two_pass(kw, grad=nan_poisoned(kw["logits"]))
+    assert torch.isnan(got[1][2])
+    check_two_pass(kw, got, reference_two_pass(kw), dtype)
+
+
+def test_two_pass_bitwise_deterministic(two_pass_device):
+    kw = make_two_pass_inputs(4, 9, 151_936, 8, 1, torch.bfloat16, two_pass_device, 61, OPTION_SETS["dapo_k3"])
+    reason = cuda.two_pass_unavailable_reason(kw["logits"])
+    if reason:
+        pytest.skip(reason)
+    first = run_two_pass(kw)
+    for _ in range(2):
+        for a, b in zip(first, run_two_pass(kw)):
+            assert torch.equal(a, b)
+
+
+def test_two_pass_rejects_what_it_cannot_run(two_pass_device):
+    kw = make_two_pass_inputs(2, 4, 50, 3, 1, torch.float32, two_pass_device, 71, OPTION_SETS["dapo_k3"])
+    with pytest.raises(RuntimeError, match="within the"):
+        run_two_pass(dict(kw, row_start=2))
+    with pytest.raises(RuntimeError, match="kl_estimator"):
+        run_two_pass(dict(kw, kl_estimator=4))
+    with pytest.raises(RuntimeError, match="scalars"):
+        run_two_pass(dict(kw, scalars=kw["scalars"].cpu()))
+    with pytest.raises(RuntimeError, match="w must have"):
+        run_two_pass(dict(kw, w=kw["w"][:-1]))
+    with pytest.raises(RuntimeError, match="inv_temperature"):
+        run_two_pass(dict(kw, inv_temperature=0.0))
+    with pytest.raises(TypeError, match="float32, bfloat16 or float16"):
+        run_two_pass(dict(kw, logits=kw["logits"].double()))
+    full = torch.randn(2, 4, 52, device=two_pass_device)
+    with pytest.raises(RuntimeError, match="not overlap"):
+        run_two_pass(dict(kw, logits=full[..., :50]), grad=full[..., 2:])

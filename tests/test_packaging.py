@@ -29,7 +29,7 @@ import pytest
 from packaging.requirements import Requirement
 
 ROOT = Path(__file__).resolve().parent.parent
-CUDA_FILES = ("grpo_sweep.cu", "binding.cpp", "grpo_sweep.h")
+CUDA_FILES = ("grpo_sweep.cu", "two_pass.cu", "binding.cpp", "grpo_sweep.h", "two_pass.h", "grpo_device.cuh")
 _IGNORED = shutil.ignore_patterns(".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".hypothesis",
                                   ".pytest_cache", "*.so", ".whl", "results")
 

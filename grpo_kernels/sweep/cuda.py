@@ -21,7 +21,7 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Where the CUDA sources are: shipped as package data (grpo_kernels/csrc/, in a wheel), else the checkout's csrc/.
 _PACKAGE = Path(__file__).resolve().parent.parent  # grpo_kernels/
 CSRC_DIRS = (_PACKAGE / "csrc", _PACKAGE.parent / "csrc")
-SOURCES = ("binding.cpp", "grpo_sweep.cu")
+SOURCES = ("binding.cpp", "grpo_sweep.cu", "two_pass.cu")
 # The JIT build targets the visible GPU (torch's default, or TORCH_CUDA_ARCH_LIST);
 # setup.py builds for sm_80 and sm_90 with the same optimisation flags.
 NVCC_FLAGS = ["-O3", "-lineinfo"]
@@ -137,3 +137,58 @@ def backward(logits: torch.Tensor, ids: torch.Tensor, temperature: float | torch
     scalar, per_row = _check_supported(logits, temperature)
     module.backward(logits, ids, scalar, per_row, active, m, log_sum, mean_rel, grad_logprobs, grad_entropy,
                     grad_out, int(vocab_start))
+
+
+# --- The two-pass token-local loss (csrc/two_pass.cu, csrc/two_pass.h) -------------------------
+# One launch reads each active row of the model's (B, L, V) output once, holds it on chip (split
+# over a thread-block cluster on sm_90) and writes the gradient of the whole tensor once, with
+# the per-token loss of loss_triton.py. The contract is csrc/two_pass.h; the Triton two-pass
+# kernel implements the same, so the caller may use either.
+
+def two_pass_plan(logits: torch.Tensor, cluster_size: int = 0) -> tuple[int, int]:
+    """(blocks per row, shared memory bytes per block) the kernel uses for these logits.
+    Raises RuntimeError with the reason where it cannot hold their rows on chip (sm_80 with a
+    row over one block's shared memory, a build without sm_90 code, an unsupported dtype)."""
+    module = _module()
+    if logits.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"two_pass takes float32, bfloat16 or float16 logits, got {logits.dtype}")
+    blocks, smem = module.two_pass_plan(logits, int(cluster_size))
+    return int(blocks), int(smem)
+
+
+def two_pass_unavailable_reason(logits: torch.Tensor) -> str:
+    """Why two_pass cannot run on these logits here; "" when it can."""
+    if logits.device.type != "cuda":
+        return f"two_pass needs CUDA tensors (got {logits.device})"
+    reason = unavailable_reason()
+    if reason:
+        return f"backend='cuda' is not available: {reason}"
+    try:
+        two_pass_plan(logits)
+    except (RuntimeError, TypeError) as error:
+        return str(error)
+    return ""
+
+
+def two_pass(logits: torch.Tensor, row_start: int, T: int, ids: torch.Tensor, inv_temperature: float,
+             temperature_rows: torch.Tensor | None, active: torch.Tensor | None, w: torch.Tensor,
+             mask: torch.Tensor, advantages: torch.Tensor, old_logprobs: torch.Tensor | None,
+             ref_logprobs: torch.Tensor | None, rollout: torch.Tensor | None, scalars: torch.Tensor, *,
+             beta: float, eps_low: float, eps_high: float, delta: float | None = None,
+             dual_clip: float | None = None, kl_estimator: int = 3, kl_ratio_weight: bool = False,
+             has_entropy_grad: bool = False, grad: torch.Tensor | None = None, cluster_size: int = 0):
+    """logits (B, L, V), row r = b * T + t scoring logits[b, row_start + t] -> (grad (B, L, V) in
+    the logits' dtype, every element written; logprobs (N,), entropy (N,), sums (7, N) fp32).
+    grad=None allocates it; grad=logits computes in place. scalars (2,) fp32 on the device
+    ([c scale, e scale]) is never read on the host. See csrc/two_pass.h for the formulas."""
+    module = _module()
+    if logits.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"two_pass takes float32, bfloat16 or float16 logits, got {logits.dtype}")
+    if grad is None:
+        grad = torch.empty_like(logits)
+    logprobs, entropy, sums = module.two_pass(
+        logits, int(row_start), int(T), ids, float(inv_temperature), temperature_rows, active, w, mask, advantages,
+        old_logprobs, ref_logprobs, rollout, scalars, float(beta), float(eps_low), float(eps_high),
+        None if delta is None else float(delta), None if dual_clip is None else float(dual_clip), int(kl_estimator),
+        bool(kl_ratio_weight), bool(has_entropy_grad), grad, int(cluster_size))
+    return grad, logprobs, entropy, sums

@@ -13,7 +13,7 @@ import torch
 import grpo_kernels
 from grpo_kernels.linear import fused_linear_grpo_loss, linear_token_logprobs
 from grpo_kernels.linear import triton as triton_linear
-from grpo_kernels.linear.triton import GemmTiles, LinearConfig
+from grpo_kernels.linear.triton import LinearConfig
 from grpo_kernels.sweep import pytorch as torch_path
 from helpers import rel_err
 
@@ -171,8 +171,7 @@ def test_fp32_precision_within_twice_eager(backend):
         assert rel_err(grad, g64) <= 2 * eager_g_err + 1e-7, (name, rel_err(grad, g64), eager_g_err)
 
 
-TINY = LinearConfig(logits=GemmTiles(16, 32, 16), grad_hidden=GemmTiles(16, 16, 32),
-                    grad_weight=GemmTiles(32, 16, 16), vocab_chunk=64, group=2)
+TINY = LinearConfig(chunk_rows=7, block_v=32, num_warps=4)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -522,6 +522,13 @@ def _coefficients_kernel(logprobs_ptr, entropy_ptr, c_ptr, e_ptr, w_ptr, mask_pt
     tl.store(e_ptr + i, e, mask=ok)
 
 
+def metrics(out: torch.Tensor, logprobs: torch.Tensor, tokens, o: GRPOOptions) -> dict:
+    """The metrics dict of fused_grpo_loss from out (7,) (kl, entropy, clip low/high/region, ...) and
+    the (N,) log-probs, as loss.py returns them."""
+    return {"kl": out[0] if o.beta != 0.0 else None, "entropy": out[1], "clip_ratio_low": out[2],
+            "clip_ratio_high": out[3], "clip_ratio_region": out[4], "logprobs": tokens.layout.unflat(logprobs)}
+
+
 def token_local(o: GRPOOptions, tokens, tp_group) -> bool:
     """Whether the loss is token-local (SPEC 14) and written here: the clipped family at token
     level, whose c_t and e_t follow from the row's own statistics once `Plan` has run."""

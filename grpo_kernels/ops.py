@@ -97,24 +97,20 @@ class TokenLevelLoss(torch.autograd.Function):
         return grad, None, None, None, None
 
 
-def _metrics(out: Tensor, logprobs: Tensor, tokens: Tokens, o: GRPOOptions) -> Metrics:
-    return {"kl": out[0] if o.beta != 0.0 else None, "entropy": out[1], "clip_ratio_low": out[2],
-            "clip_ratio_high": out[3], "clip_ratio_region": out[4], "logprobs": tokens.layout.unflat(logprobs)}
-
-
-def _triton_loss(logits: Tensor, tokens: Tokens, o: GRPOOptions, backend: str, two_passes: bool
-                 ) -> tuple[Tensor, Metrics]:
-    """The clipped family on the Triton backend: in two passes when token-local, else three."""
+def _clipped_loss(logits: Tensor, tokens: Tokens, o: GRPOOptions, backend: str, two_passes: bool
+                  ) -> tuple[Tensor, Metrics]:
+    """The clipped family in our kernels: in two passes when token-local (Triton, or csrc's on backend
+    "cuda"), else the three passes with loss_triton's kernels."""
     full, row_start = tokens.layout.scored_rows(logits)
     if o.inplace_backward:
         check_inplace(full)
     if two_passes:
-        loss, out, logprobs = two_pass.fused_loss(full, row_start, tokens, o)
+        loss, out, logprobs = two_pass.fused_loss(full, row_start, tokens, o, backend)
     else:
         loss, out, logprobs = TokenLevelLoss.apply(full, row_start, tokens, o, backend)
     if tokens.invalid is not None:
         loss = torch.where(tokens.invalid, float("nan"), loss)
-    return loss, _metrics(out, logprobs, tokens, o)
+    return loss, loss_triton.metrics(out, logprobs, tokens, o)
 
 
 def _vocab(logits: Tensor, tp_group, vocab_start: int | None) -> tuple[int, int]:
@@ -197,9 +193,9 @@ def fused_grpo_loss(
                           sampling_logprobs, cu_seqlens, o, logits=logits, vocab_size=V)
     name = resolve_backend(o.backend, logits.device)
     require(name, logits.device)
-    if name == "triton" and two_pass.enabled() and loss_triton.token_local(o, tokens, tp_group):
-        return _triton_loss(logits, tokens, o, name, two_passes=True)
+    if two_pass.enabled() and two_pass.available(name, logits) and loss_triton.token_local(o, tokens, tp_group):
+        return _clipped_loss(logits, tokens, o, name, two_passes=True)
     if loss_triton.supports(o, tokens, name, tp_group):
-        return _triton_loss(logits, tokens, o, name, two_passes=False)
+        return _clipped_loss(logits, tokens, o, name, two_passes=False)
     logprobs, entropy = sweep(logits, tokens, name, o.inplace_backward, tp_group, start)
     return objective(logprobs, entropy, tokens, o)

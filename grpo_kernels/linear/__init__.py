@@ -21,6 +21,7 @@ from typing import Optional
 
 import torch
 
+from .. import loss_triton
 from ..distributed import vocab_bounds
 from ..layout import Tokens, build_tokens, check_ids, check_rows, logprobs_result, rows_without_sequences
 from ..loss import Metrics, objective
@@ -205,11 +206,8 @@ def linear_sweep_rows(hidden: Tensor, weight: Tensor, bias: Tensor | None, token
 
 
 def _token_local_api():
-    """loss_triton's API for token-local losses (token_local, Plan), or None where it is missing (then
-    every loss takes the four-GEMM path). Tests replace it with a stand-in."""
-    from .. import loss_triton
-
-    return loss_triton if hasattr(loss_triton, "token_local") and hasattr(loss_triton, "Plan") else None
+    """loss_triton's API for token-local losses (token_local, Plan). Tests replace it with a stand-in."""
+    return loss_triton
 
 
 class _TokenLocalLinear(torch.autograd.Function):
@@ -259,9 +257,7 @@ class _TokenLocalLinear(torch.autograd.Function):
 def _token_local_loss(hidden, weight, bias, tokens, o, api) -> tuple[Tensor, Metrics]:
     rows, weight, bias = _kernel_layout(hidden, weight, bias)
     loss, out, logprobs = _TokenLocalLinear.apply(rows, weight, bias, tokens, o, api)
-    from ..ops import _metrics  # the metrics of loss_triton's (7,) scalars, as fused_grpo_loss returns them
-
-    return loss, _metrics(out, logprobs, tokens, o)
+    return loss, loss_triton.metrics(out, logprobs, tokens, o)
 
 
 def _prepare(hidden, weight, bias, completion_ids, advantages, mask, old, ref, rollout, sampling, cu_seqlens, o,

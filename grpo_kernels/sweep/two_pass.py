@@ -53,6 +53,18 @@ def enabled() -> bool:
     return os.environ.get("GRPO_KERNELS_TWO_PASS") == "1"
 
 
+def available(backend: str, logits: Tensor) -> bool:
+    """Whether `backend` has a two-pass kernel for these logits: Triton always; csrc's where it is
+    built and its row fits (cuda.two_pass_unavailable_reason); the PyTorch path never."""
+    if backend == "triton":
+        return True
+    if backend == "cuda" and logits.device.type == "cuda":
+        from . import cuda
+
+        return not cuda.two_pass_unavailable_reason(logits)
+    return False
+
+
 # The largest number of programs one row is split into (the merge loads them as one block).
 MAX_SPLIT = 128
 # Polls of a row's arrival counter before giving up on it (NaN row): far beyond any real wait.
@@ -327,8 +339,9 @@ def _options_of(loss_type, beta, eps_low, eps_high, delta, dual_clip, kl_estimat
 
 def _run(logits, row_start, ids, temperature, temperature_rows, mask, active, advantages, adv_per_seq, offsets, old,
          ref, rollout, n_items, num_seqs, seq_len, loss_type, beta, eps_low, eps_high, delta, dual_clip, kl_estimator,
-         kl_ratio_weight, entropy_coef, divisor_code, divisor, grad_scale, grad):
-    """The op body: plan, the two-pass kernel into grad, the sums. Returns (loss, out, logprobs)."""
+         kl_ratio_weight, entropy_coef, divisor_code, divisor, grad_scale, backend, grad):
+    """The op body: plan, the two-pass kernel into grad (Triton, or csrc's on backend "cuda"), the
+    sums. Returns (loss, out, logprobs)."""
     _check_supported(logits)
     tokens = _tokens_of(ids, temperature, temperature_rows, mask, active, advantages, adv_per_seq, offsets, old, ref,
                         rollout, num_seqs, seq_len)
@@ -339,11 +352,34 @@ def _run(logits, row_start, ids, temperature, temperature_rows, mask, active, ad
     T = N // logits.shape[0] if logits.shape[0] else 0
     logprobs = torch.empty(N, dtype=torch.float32, device=logits.device)
     entropy = torch.empty(N, dtype=torch.float32, device=logits.device)
-    _zero_unscored(grad, row_start, T)
-    launch(logits.narrow(1, row_start, T), grad.narrow(1, row_start, T), tokens, plan, logprobs, entropy,
-           entropy_coef != 0.0)
+    if backend == "cuda":
+        _csrc_two_pass(logits, row_start, T, tokens, plan, o, grad, logprobs)
+    else:
+        _zero_unscored(grad, row_start, T)
+        launch(logits.narrow(1, row_start, T), grad.narrow(1, row_start, T), tokens, plan, logprobs, entropy,
+               entropy_coef != 0.0)
     loss, out = plan.finish()
     return loss, out, logprobs
+
+
+def _csrc_two_pass(logits, row_start, T, tokens: Tokens, plan: loss_triton.Plan, o: GRPOOptions, grad, logprobs):
+    """csrc/two_pass.cu's kernel (a thread-block cluster per row on sm_90) under the same plan: it
+    writes the whole gradient (zeros outside the window), the log-probs and the rows' sums."""
+    from . import cuda
+
+    N = tokens.ids.shape[0]
+    f32 = lambda t: None if t is None else t.float().contiguous()  # noqa: E731  (the contract's dtypes)
+    t_scalar, t_rows = tokens.temperature_args
+    mask = torch.ones(N, dtype=torch.float32, device=logits.device) if tokens.mask is None else f32(tokens.mask)
+    active = None if tokens.active is None else tokens.active.view(torch.uint8)
+    _, lp, _, sums = cuda.two_pass(
+        logits, row_start, T, tokens.ids, 1.0 / t_scalar, t_rows, active, plan.w, mask, f32(plan.adv),
+        f32(tokens.old_logprobs), f32(tokens.ref_logprobs), f32(tokens.rollout_is_ratio), plan.scal, beta=o.beta,
+        eps_low=o.epsilon_low, eps_high=o.eps_high, delta=o.delta, dual_clip=o.dual_clip,
+        kl_estimator=loss_triton.KL_ESTIMATOR_CODES[o.kl_estimator], kl_ratio_weight=o.use_bias_correction_kl,
+        has_entropy_grad=o.entropy_coef != 0.0, grad=grad)
+    logprobs.copy_(lp)
+    plan.sums = sums
 
 
 _SCHEMA_DOC = """(logits (B, L, V), row_start, per-token inputs, options) -> (loss, out (7,), logprobs (N,)[, grad])"""
@@ -355,7 +391,7 @@ def two_pass_loss(logits: Tensor, row_start: int, ids: Tensor, temperature: floa
                   offsets: Optional[Tensor], old: Optional[Tensor], ref: Optional[Tensor], rollout: Optional[Tensor], n_items: Optional[Tensor],
                   num_seqs: int, seq_len: int, loss_type: str, beta: float, eps_low: float, eps_high: float,
                   delta: Optional[float], dual_clip: Optional[float], kl_estimator: str, kl_ratio_weight: bool,
-                  entropy_coef: float, divisor_code: int, divisor: float, grad_scale: float
+                  entropy_coef: float, divisor_code: int, divisor: float, grad_scale: float, backend: str
                   ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The token-local loss of the rows [row_start, row_start + T) of logits (B, L, V): the loss,
     out (kl, entropy, clip low/high/region, 1/n, e_scale), the log-probs (N,), and the gradient
@@ -365,7 +401,7 @@ def two_pass_loss(logits: Tensor, row_start: int, ids: Tensor, temperature: floa
                                adv_per_seq,
                                offsets, old, ref, rollout, n_items, num_seqs, seq_len, loss_type, beta, eps_low,
                                eps_high, delta, dual_clip, kl_estimator, kl_ratio_weight, entropy_coef, divisor_code,
-                               divisor, grad_scale, grad)
+                               divisor, grad_scale, backend, grad)
     return loss, out, logprobs, grad
 
 
@@ -375,14 +411,14 @@ def two_pass_loss_(logits: Tensor, row_start: int, ids: Tensor, temperature: flo
                    offsets: Optional[Tensor], old: Optional[Tensor], ref: Optional[Tensor], rollout: Optional[Tensor], n_items: Optional[Tensor],
                    num_seqs: int, seq_len: int, loss_type: str, beta: float, eps_low: float, eps_high: float,
                    delta: Optional[float], dual_clip: Optional[float], kl_estimator: str, kl_ratio_weight: bool,
-                   entropy_coef: float, divisor_code: int, divisor: float, grad_scale: float
+                   entropy_coef: float, divisor_code: int, divisor: float, grad_scale: float, backend: str
                    ) -> tuple[Tensor, Tensor, Tensor]:
     """two_pass_loss with the gradient written into the logits' own storage (inplace_backward):
     each element is read before it is overwritten; the declared mutation bumps their version."""
     return _run(logits, row_start, ids, temperature, temperature_rows, mask, active, advantages, adv_per_seq, offsets,
                 old,
                 ref, rollout, n_items, num_seqs, seq_len, loss_type, beta, eps_low, eps_high, delta, dual_clip,
-                kl_estimator, kl_ratio_weight, entropy_coef, divisor_code, divisor, grad_scale, logits)
+                kl_estimator, kl_ratio_weight, entropy_coef, divisor_code, divisor, grad_scale, backend, logits)
 
 
 def _fake_outputs(logits, ids):
@@ -426,7 +462,7 @@ def _interpreted() -> bool:
 
 
 def _setup_context(ctx, inputs, output):
-    ctx.grad_scale = inputs[-1]
+    ctx.grad_scale = inputs[-2]
     ctx.set_materialize_grads(False)  # no zero tensors for the outputs that take no gradient
     ctx.mark_non_differentiable(*output[1:])
     ctx.save_for_backward(output[3])  # the gradient, an output of the op
@@ -435,10 +471,10 @@ def _setup_context(ctx, inputs, output):
 @single_backward
 def _backward(ctx, grad_loss, *_):
     if grad_loss is None:
-        return (None,) * 28
+        return (None,) * 29
     (grad,) = ctx.saved_tensors
     torch.ops.grpo_kernels.rescale_gradient_(grad, grad_loss, ctx.grad_scale)
-    return (grad,) + (None,) * 27
+    return (grad,) + (None,) * 28
 
 
 two_pass_loss.register_autograd(_backward, setup_context=_setup_context)
@@ -452,7 +488,7 @@ class _TwoPassInPlace(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, *args):
         loss, out, logprobs = torch.ops.grpo_kernels.two_pass_loss_(logits, *args)
-        ctx.grad_scale = args[-1]
+        ctx.grad_scale = args[-2]
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(logits)
         ctx.mark_non_differentiable(out, logprobs)
@@ -464,10 +500,11 @@ class _TwoPassInPlace(torch.autograd.Function):
     def backward(ctx, grad_loss, *_):
         (grad,) = ctx.saved_tensors
         torch.ops.grpo_kernels.rescale_gradient_(grad, grad_loss, ctx.grad_scale)
-        return (grad,) + (None,) * 27
+        return (grad,) + (None,) * 28
 
 
-def fused_loss(logits: Tensor, row_start: int, tokens: Tokens, o: GRPOOptions) -> tuple[Tensor, Tensor, Tensor]:
+def fused_loss(logits: Tensor, row_start: int, tokens: Tokens, o: GRPOOptions, backend: str = "triton"
+               ) -> tuple[Tensor, Tensor, Tensor]:
     """(loss, out (7,), logprobs (N,)) of a token-local loss through the two-pass op; `logits` is the
     model's full output (B, L, V), of which rows [row_start, row_start + T) are scored."""
     layout = tokens.layout
@@ -477,7 +514,7 @@ def fused_loss(logits: Tensor, row_start: int, tokens: Tokens, o: GRPOOptions) -
             tokens.advantages_per_seq, layout.offsets, tokens.old_logprobs, tokens.ref_logprobs,
             tokens.rollout_is_ratio, n_items, layout.num_seqs, layout.seq_len or 0, o.loss_type, float(o.beta),
             float(o.epsilon_low), float(o.eps_high), o.delta, o.dual_clip, o.kl_estimator,
-            o.use_bias_correction_kl, float(o.entropy_coef), code, float(divisor), float(o.grad_scale))
+            o.use_bias_correction_kl, float(o.entropy_coef), code, float(divisor), float(o.grad_scale), backend)
     if o.inplace_backward:
         loss, out, logprobs = _TwoPassInPlace.apply(*args)
     else:

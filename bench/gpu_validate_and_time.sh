@@ -144,7 +144,7 @@ fi
 if stage summary; then
     say "summary"
     COPY=()
-    [ "$OUT" != bench/results ] && COPY=(--copy-to bench/results)
+    [ "$OUT" != bench/results ] && [ "$DRY" != 1 ] && COPY=(--copy-to bench/results)
     if [ -f "$OUT/results.json" ]; then
         timeout -k 5 60 "$PY" -m bench.report "$OUT/results.json" --plot "$OUT/results.png" "${COPY[@]}" \
             >"$OUT/report.txt" 2>&1

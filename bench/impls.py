@@ -414,7 +414,9 @@ def discover(device: torch.device, requested: Sequence[str] | None = None) -> tu
     if not requested and not on_gpu:
         skipped.update({n: "CPU: runs only when named in --impls (see impls.CPU_ON_REQUEST)" for n in CPU_ON_REQUEST})
     liger_version = _version("liger-kernel") or _version("liger_kernel")
-    triton_runs = on_gpu or _interpreted()
+    # Under the interpreter the Triton implementations run on the CPU when named (the GPU plan
+    # exercised here names its implementations); the CPU grid's default set stays CPU code.
+    triton_runs = on_gpu or (_interpreted() and bool(requested))
     # The peers and eager are called as a trainer calls them wherever the trainer calls exist
     # (the GPU, or the GPU plan exercised under the interpreter); the CPU grid keeps them bare.
     sliced = "trainer-slice" if triton_runs else "bare"
@@ -444,7 +446,8 @@ def discover(device: torch.device, requested: Sequence[str] | None = None) -> tu
             elif name == "ours-trainer":
                 full = full_output_supported()
                 # The same call as ours-triton: fused_grpo_loss recognises the whole output by its shape.
-                impls.append(Impl(name, _ours("triton"), padded_input=full, call="trainer" if full else "trainer-slice"))
+                impls.append(Impl(name, _ours("triton"), padded_input=full,
+                                  call="trainer" if full else "trainer-slice"))
             elif name in ("ours-logprobs", "ours-logprobs-entropy"):
                 impls.append(Impl(name, _ours_logprobs(name.endswith("entropy")), unit="logprobs",
                                   call="forward", padded_input=full_output_supported()))

@@ -26,7 +26,7 @@ from collections.abc import Iterable
 from itertools import groupby
 from pathlib import Path
 
-from .names import ALL, BASELINES, LINEAR_BASELINES, LOGPROBS_BASELINES, PEERS  # noqa: F401
+from .names import ALL, BASELINES, LINEAR_BASELINES, LOGPROBS_BASELINES
 
 # Columns of SPEC section 5, in its order; every row has them, None where not measured.
 SPEC_ROW_KEYS = ("impl", "n_tokens", "vocab", "dtype", "beta", "level", "fwd_ms", "fwd_bwd_ms", "peak_extra_mb")
@@ -156,8 +156,12 @@ def table(results: dict) -> str:
     """The results as aligned text, one block per case."""
     lines = []
     if results.get("mode") == "cpu":
+        rss = any(r.get("peak_rss_mb") is not None for r in results["rows"])
         lines.append(f"*** CPU figures, measured on {results['device']}: they rank the implementations on this "
-                     "machine only and say nothing about GPU performance. Peak memory is not measured on the CPU. ***")
+                     "machine only and say nothing about GPU performance. "
+                     + ("Peak MB on the CPU is the process's resident-set growth during one step (indicative in a "
+                        "long process: bench/cpu_memory.py measures it in fresh ones). ***" if rss else
+                        "Peak memory is not measured on the CPU. ***"))
     dirty = " (with uncommitted changes)" if results.get("environment", {}).get("dirty") else ""
     lines.append(f"device {results['device']}  commit {results['commit'][:12]}{dirty}"
                  f"  date {results['date']}  torch {results['torch']}  triton {results['triton']}"
@@ -189,7 +193,7 @@ def table(results: dict) -> str:
             for r in group:
                 speed = r.get("speedup") or {}
                 lines.append(
-                    f"{r['impl']:<24}{_fmt(r['fwd_ms'], '.3f'):>9}{_fmt(_peak_mb(r), '.0f'):>10}"
+                    f"{r['impl']:<24}{_fmt(r['fwd_ms'], '.3f'):>9}{_fmt(peak_mb(r), '.0f'):>10}"
                     f"{_fmt(r.get('fwd_gbps'), '.4g'):>8}{_fmt(r.get('x_floor1'), '.2f'):>9}"
                     + "".join(f"{_fmt(speed.get(b), '.2f'):>17}" for b in LOGPROBS_BASELINES)
                     + f"{_fmt(r.get('max_err'), '.1e'):>10}  {r.get('note') or ''}")
@@ -206,7 +210,7 @@ def table(results: dict) -> str:
                          if r.get("peak_vs_unfused") is not None else "-")
                 lines.append(
                     f"{r['impl']:<13}{_fmt(r['fwd_ms'], '.3f'):>9}{_fmt(r['fwd_bwd_ms'], '.3f'):>12}"
-                    f"{_fmt(_peak_mb(r), '.0f'):>10}{_fmt(r.get('peak_beyond_grad_mb'), '.0f'):>11}{share:>14}"
+                    f"{_fmt(peak_mb(r), '.0f'):>10}{_fmt(r.get('peak_beyond_grad_mb'), '.0f'):>11}{share:>14}"
                     f"{_fmt(r.get('tflops'), '.3g'):>10}"
                     + "".join(f"{_fmt(speed.get(b), '.2f'):>16}" for b in LINEAR_BASELINES)
                     + f"{_fmt(r.get('max_err'), '.1e'):>10}  {r.get('note') or ''}")
@@ -220,7 +224,7 @@ def table(results: dict) -> str:
             lines.append(
                 f"{r['impl']:<14}{r.get('call') or 'bare':<14}{_fmt(r['fwd_ms'], '.3f'):>9}"
                 f"{_fmt(r['fwd_bwd_ms'], '.3f'):>12}"
-                f"{_fmt(_peak_mb(r), '.0f'):>10}{_fmt(r.get('pct_of_logits'), '.2g'):>10}"
+                f"{_fmt(peak_mb(r), '.0f'):>10}{_fmt(r.get('pct_of_logits'), '.2g'):>10}"
                 f"{_fmt(r.get('gbps'), '.4g'):>8}{_fmt(r.get('pct_copy'), '.3g'):>7}"
                 f"{_fmt(r.get('x_floor'), '.2f'):>9}{_fmt(r.get('x_floor2'), '.2f'):>9}"
                 + "".join(f"{_fmt(speed.get(b), '.2f'):>11}" for b in BASELINES)
@@ -233,7 +237,7 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def _peak_mb(row: dict) -> float | None:
+def peak_mb(row: dict) -> float | None:
     """The row's peak memory: the allocator's (GPU) or the resident set's growth (CPU)."""
     return row["peak_extra_mb"] if row.get("peak_extra_mb") is not None else row.get("peak_rss_mb")
 
@@ -269,7 +273,7 @@ def summary(results: dict) -> str:
         kernels, syncs = r.get("kernels") or {}, r.get("host_syncs") or {}
         lines.append(f"{_case_label(r):<32} {r['impl']:<21} {r.get('call') or 'bare':<13} "
                      f"{_fmt(r['fwd_ms'], '.4g'):>8} {_fmt(r['fwd_bwd_ms'], '.4g'):>8} {_fmt(ratio, '.3g'):>6} "
-                     f"{_fmt(r.get('tflops'), '.0f'):>5} {_fmt(_peak_mb(r), '.0f'):>7} "
+                     f"{_fmt(r.get('tflops'), '.0f'):>5} {_fmt(peak_mb(r), '.0f'):>7} "
                      f"{_fmt(r.get('max_err'), '.1e'):>7} {_fmt(syncs.get('count'), 'd'):>4} "
                      f"{_fmt(kernels.get('launches'), 'd'):>4}  {(r.get('note') or '')[:110]}")
     if results.get("not_started"):

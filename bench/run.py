@@ -525,7 +525,7 @@ def run_step(index: int, step: Step, impls: list[Impl], device: torch.device, ti
         measure.release(device)
         syncs = (row.get("host_syncs") or {}).get("count")
         launches = (row.get("kernels") or {}).get("launches")
-        peak = row.get("peak_extra_mb", row.get("peak_rss_mb"))
+        peak = report.peak_mb(row)
         note = f"  {row['note']}" if row["note"] else ""
         print(f"  {impl.name:<22}{impl.call:<14} fwd {row['fwd_ms']} ms  fwd+bwd {row['fwd_bwd_ms']} ms  "
               f"peak {peak} MB  err {row['max_err']}  syncs {syncs}  launches {launches}  ({row['seconds']} s){note}",
@@ -549,6 +549,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="the logits-kernel cases, the fused-linear cases, the forward-only log-prob cases, or all")
     ap.add_argument("--padding", choices=PADDING_CHOICES, default="all",
                     help="the mild-padding cases, the padding-heavy cases, or all (default)")
+    ap.add_argument("--steps", help="comma-separated indices of the plan's steps to run (default: all)")
     ap.add_argument("--with-compile", action="store_true",
                     help="GPU plan: add torch.compile of the reference to the work unit (about a minute to compile)")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="directory for the JSON and the PNG")
@@ -570,25 +571,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def _fault_injection(impls: list[Impl]) -> list[Impl]:
-    """BENCH_FAULT=<hang|crash>:<impl>:<step> (tests only): at that step that implementation
-    sleeps for an hour or ends its process, so that tests/test_bench_smoke.py can check the
-    supervisor's recovery."""
-    fault = os.environ.get("BENCH_FAULT")
-    if not fault:
-        return impls
-    kind, name, at = fault.split(":")
+    """BENCH_FAULT=<hang|crash>:<impl>:<step>[,...] (tests only): at that step that
+    implementation sleeps for an hour or ends its process, so that tests/test_bench_smoke.py
+    can check the supervisor's recovery."""
+    faults = {}
+    for fault in filter(None, os.environ.get("BENCH_FAULT", "").split(",")):
+        kind, name, at = fault.split(":")
+        faults[(name, int(at))] = kind
 
     def faulty(impl: Impl) -> Impl:
         def loss(p, *args):
-            if p.case.seq_len and FAULT_STEP[0] == int(at):
-                if kind == "hang":
-                    time.sleep(3600)
+            kind = faults.get((impl.name, FAULT_STEP[0]))
+            if kind == "hang":
+                time.sleep(3600)
+            if kind == "crash":
                 os._exit(9)
             return impl.loss(p, *args)
 
         return Impl(impl.name, loss, impl.padded_input, impl.inplace, impl.version, impl.unit, impl.call)
 
-    return [faulty(i) if i.name == name else i for i in impls]
+    return [faulty(i) if any(name == i.name for name, _ in faults) else i for i in impls]
 
 
 FAULT_STEP = [-1]  # the step being measured, for _fault_injection
@@ -654,7 +656,8 @@ def main(argv: list[str] | None = None) -> int:
                 any(i.name.startswith("ours-logprobs") and i.padded_input for i in impls)),
             "steps": [{"step": i, "unit": s.case.unit, "case": asdict(s.case),
                        "impls": [n for n in (s.impls or [i.name for i in impls if i.unit == s.case.unit])
-                                 if n in by_name]} for i, s in enumerate(plan)],
+                                 if n in by_name]} for i, s in enumerate(plan)
+                      if args.steps is None or i in {int(j) for j in args.steps.split(",")}],
             "case_options": {c.level: {k: v for k, v in c.options.items() if k != "beta"}
                              for c in (s.case for s in plan)},
             "unit": args.unit,
@@ -684,12 +687,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {g['name']:<14} {g.get('ms')} ms  {g.get('tflops')} TFLOP/s  error vs float64 "
                   f"{g.get('rel_err_fp64_corner')}  {g.get('error') or ''}", flush=True)
     done = {(r.get("step"), r["impl"]) for r in results["rows"]}
+    only_steps = None if args.steps is None else {int(i) for i in args.steps.split(",")}
     for index, step in enumerate(plan):
         names = step.impls or [i.name for i in impls]
         todo = [by_name[n] for n in names if n in by_name and by_name[n].unit == step.case.unit
                 and (index, n) not in done
                 and not (step.impls is None and n == "compile" and not compile_applies(step.case, device))]
-        if not todo:
+        if not todo or (only_steps is not None and index not in only_steps):
             continue
         if deadline is not None and time.time() > deadline:
             print(f"deadline reached: step {index} and later not started", flush=True)

@@ -370,6 +370,14 @@ def _trl_linear_loss() -> LinearLossFn:
     return loss
 
 
+def _interpreted() -> bool:
+    """Triton's interpreter is on: the Triton implementations run on CPU tensors (slowly), which
+    lets the GPU plan be exercised on a machine without a GPU (--plan gpu --smoke)."""
+    import os
+
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def _version(dist: str) -> str | None:
     try:
         return importlib.metadata.version(dist)
@@ -378,22 +386,11 @@ def _version(dist: str) -> str | None:
 
 
 def _cuda_backend_available() -> bool:
-    # grpo_kernels/cuda.py, or grpo_kernels/sweep/cuda.py after issue 20's restructure.
-    for name in ("grpo_kernels.sweep.cuda", "grpo_kernels.cuda"):
-        try:
-            cuda = importlib.import_module(name)
-        except ImportError:
-            continue
-        return bool(cuda.is_available())
-    return False
-
-
-def _interpreted() -> bool:
-    """Triton's interpreter is on: the Triton implementations run on CPU tensors (slowly), which
-    lets the GPU plan be exercised on a machine without a GPU (--plan gpu --smoke)."""
-    import os
-
-    return os.environ.get("TRITON_INTERPRET") == "1"
+    try:
+        from grpo_kernels.sweep import cuda
+    except ImportError:
+        return False
+    return bool(cuda.is_available())
 
 
 def discover(device: torch.device, requested: Sequence[str] | None = None) -> tuple[list[Impl], dict[str, str]]:
@@ -457,7 +454,7 @@ def discover(device: torch.device, requested: Sequence[str] | None = None) -> tu
                 if _cuda_backend_available():
                     impls.append(Impl(name, _ours("cuda")))
                 else:
-                    skipped[name] = "grpo_kernels.cuda is not built or not available"
+                    skipped[name] = "grpo_kernels.sweep.cuda is not built or not available"
             elif name == "liger":
                 impls.append(Impl(name, _liger_loss(), padded_input=True, inplace=True, version=liger_version,
                                   call="trainer"))

@@ -447,7 +447,7 @@ def summarize_errors(rows: Iterable[dict]) -> list[str]:
     """One line per row that was not timed, for the end of the run."""
     lines = []
     for r in rows:
-        if r["fwd_bwd_ms"] is None:
+        if r["fwd_ms" if unit_of(r) == "logprobs" else "fwd_bwd_ms"] is None:
             shape = f"N={r['n_tokens']} V={r['vocab']}" + (f" H={r['hidden']}" if is_linear(r) else "")
             pad = "" if padding_kind(r) == "mild" else f" {padding_kind(r)} padding"
             lines.append(f"{r['impl']} at {shape} {r['dtype']} beta={r['beta']} {r['level']}{pad}: {r['note']}")

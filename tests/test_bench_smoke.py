@@ -392,6 +392,7 @@ def test_gpu_plan_runs_under_the_interpreter(tmp_path):
 
     text = report.summary(results)
     assert "SUMMARY" in text and "gemm-fp32-out" in text and "trainer-slice" in text and "logprobs" in text
+    assert not any("logprobs" in line for line in report.summarize_errors(results["rows"]))
 
 
 def test_report_cli_and_settle(tmp_path):

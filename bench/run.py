@@ -233,6 +233,14 @@ def compile_applies(case: Case, device: torch.device) -> bool:
         (case.n_tokens, case.vocab) == WORK_UNIT[0] and case.dtype == "bfloat16" and case.level == "token")
 
 
+def step_impls(step: Step, by_name: dict[str, Impl], device: torch.device) -> list[Impl]:
+    """The implementations a step runs: those it names (all of its unit if none) that this
+    machine has; on the grid, compile only where compile_applies."""
+    names = step.impls or list(by_name)
+    return [by_name[n] for n in names if n in by_name and by_name[n].unit == step.case.unit
+            and not (step.impls is None and n == "compile" and not compile_applies(step.case, device))]
+
+
 def _row(case: Case, impl: Impl, mode: str) -> dict:
     """A results row before measurement: SPEC section 5's keys first, then ours. `hidden` is
     H for a fused-linear row and None otherwise."""
@@ -655,8 +663,7 @@ def main(argv: list[str] | None = None) -> int:
             "full_output_api": any(i.call == "trainer" and i.name.startswith("ours") for i in impls) or (
                 any(i.name.startswith("ours-logprobs") and i.padded_input for i in impls)),
             "steps": [{"step": i, "unit": s.case.unit, "case": asdict(s.case),
-                       "impls": [n for n in (s.impls or [i.name for i in impls if i.unit == s.case.unit])
-                                 if n in by_name]} for i, s in enumerate(plan)
+                       "impls": [impl.name for impl in step_impls(s, by_name, device)]} for i, s in enumerate(plan)
                       if args.steps is None or i in {int(j) for j in args.steps.split(",")}],
             "case_options": {c.level: {k: v for k, v in c.options.items() if k != "beta"}
                              for c in (s.case for s in plan)},
@@ -689,10 +696,7 @@ def main(argv: list[str] | None = None) -> int:
     done = {(r.get("step"), r["impl"]) for r in results["rows"]}
     only_steps = None if args.steps is None else {int(i) for i in args.steps.split(",")}
     for index, step in enumerate(plan):
-        names = step.impls or [i.name for i in impls]
-        todo = [by_name[n] for n in names if n in by_name and by_name[n].unit == step.case.unit
-                and (index, n) not in done
-                and not (step.impls is None and n == "compile" and not compile_applies(step.case, device))]
+        todo = [impl for impl in step_impls(step, by_name, device) if (index, impl.name) not in done]
         if not todo or (only_steps is not None and index not in only_steps):
             continue
         if deadline is not None and time.time() > deadline:

@@ -11,6 +11,10 @@ an implementation with `padded_input`. All compute the objective of Case.options
   trl          TRL 1.16's fused Triton log-prob/entropy kernel + the eager loss
   ours-triton, ours-torch, ours-cuda
                grpo_kernels.fused_grpo_loss(..., backend=...)
+  ours-trainer the same Triton call on the model's whole output (see the calls below)
+  ours-2pass   ours-trainer with GRPO_KERNELS_TWO_PASS=1 during the call: the two-pass kernel
+               for token-local losses (SPEC section 14), opt-in until a GPU measures it; on a
+               checkout without that switch it times the default path (its `kernels` say which)
 
 "The eager loss" is reference.grpo_loss_from_logprobs: TRL inlines its loss in
 GRPOTrainer._compute_loss, which cannot be called on tensors alone, and the reference
@@ -245,6 +249,33 @@ def _ours(backend: str) -> LossFn:
     return loss
 
 
+@contextlib.contextmanager
+def _environ(name: str, value: str):
+    """os.environ[name] = value inside the block, as it was after."""
+    import os
+
+    before = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = before
+
+
+def _ours_two_pass() -> LossFn:
+    inner = _ours("triton")
+
+    def loss(p: Problem, logits: torch.Tensor) -> torch.Tensor:
+        # The switch is read when the loss runs its forward, which computes the gradient too.
+        with _environ("GRPO_KERNELS_TWO_PASS", "1"):
+            return inner(p, logits)
+
+    return loss
+
+
 def full_output_supported() -> bool:
     """Whether this checkout's fused_grpo_loss and token_logprobs take the model's whole output
     (B, L, V), L > T, with completion_ids (B, T) (SPEC section 15), decided once by a tiny call
@@ -444,6 +475,10 @@ def discover(device: torch.device, requested: Sequence[str] | None = None) -> tu
                 full = full_output_supported()
                 # The same call as ours-triton: fused_grpo_loss recognises the whole output by its shape.
                 impls.append(Impl(name, _ours("triton"), padded_input=full,
+                                  call="trainer" if full else "trainer-slice"))
+            elif name == "ours-2pass":
+                full = full_output_supported()
+                impls.append(Impl(name, _ours_two_pass(), padded_input=full,
                                   call="trainer" if full else "trainer-slice"))
             elif name in ("ours-logprobs", "ours-logprobs-entropy"):
                 impls.append(Impl(name, _ours_logprobs(name.endswith("entropy")), unit="logprobs",

@@ -15,7 +15,8 @@ fused-linear unit's hidden (B, T, H) and weight (V, H) leaves.
 """
 from __future__ import annotations
 
-LOGITS_IMPLS = ("eager", "compile", "liger", "trl", "ours-triton", "ours-trainer", "ours-torch", "ours-cuda")
+LOGITS_IMPLS = ("eager", "compile", "liger", "trl", "ours-triton", "ours-trainer", "ours-2pass", "ours-torch",
+                "ours-cuda")
 LINEAR_IMPLS = ("ours-linear", "unfused", "liger-linear", "trl-linear")
 LOGPROBS_IMPLS = ("ours-logprobs", "ours-logprobs-entropy", "trl-logprobs", "eager-logprobs")
 ALL = LOGITS_IMPLS + LINEAR_IMPLS + LOGPROBS_IMPLS

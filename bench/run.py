@@ -183,7 +183,8 @@ class Step:
 
 def gpu_plan(smoke: bool, with_compile: bool = False, tail: bool = True) -> list[Step]:
     """SPEC section 18's rows in priority order (issues 18, 20 and 22): a step never started is
-    lost, so what the issues need most comes first. The copy bandwidth and the cuBLAS GEMM run
+    lost, so what the issues need most comes first. ours-2pass (the opt-in two-pass kernel) runs
+    beside ours-trainer wherever the loss is token-local. The copy bandwidth and the cuBLAS GEMM run
     before the first step (main). `with_compile` adds torch.compile of the reference to the
     first step (a minute of compilation); `tail` appends the rest of the grid."""
     n1, n2, V, H, T = (PLAN_SHAPES[smoke][k] for k in ("n1", "n2", "vocab", "hidden", "seq_len"))
@@ -192,14 +193,15 @@ def gpu_plan(smoke: bool, with_compile: bool = False, tail: bool = True) -> list
     steps = [
         # (b) the logits work unit: ours on a (B, T, V) tensor and as a trainer calls it, the peers.
         Step(Case(n1, V, bf16, 0.04, "token", T),
-             ("ours-triton", "ours-trainer", "liger", "trl", "eager") + (("compile",) if with_compile else ())),
+             ("ours-triton", "ours-trainer", "ours-2pass", "liger", "trl", "eager")
+             + (("compile",) if with_compile else ())),
         # (c) GSPO (sequence-level importance sampling).
         Step(Case(n1, V, bf16, 0.04, "sequence", T), ("ours-trainer", "liger")),
         # (d) the old/ref passes: forward only, entropy off and on, and TRL's kernel.
         Step(LogprobsCase(n1, V, bf16, 0.0, "token", T), ("ours-logprobs", "ours-logprobs-entropy", "trl-logprobs")),
         # (e) twice the tokens, without and with the KL.
-        Step(Case(n2, V, bf16, 0.0, "token", T), ("ours-trainer", "liger")),
-        Step(Case(n2, V, bf16, 0.04, "token", T), ("ours-trainer", "liger")),
+        Step(Case(n2, V, bf16, 0.0, "token", T), ("ours-trainer", "ours-2pass", "liger")),
+        Step(Case(n2, V, bf16, 0.04, "token", T), ("ours-trainer", "ours-2pass", "liger")),
         # (f) fused linear; Liger's last (about 0.5 s a call and its compile).
         Step(LinearCase(n1, V, bf16, 0.04, "token", T, H), linear),
         Step(LinearCase(n2, V, bf16, 0.04, "token", T, H), linear),

@@ -320,11 +320,11 @@ def test_gpu_plan_order():
     head = [(s.case.unit, s.case.n_tokens, s.case.level, s.case.beta, s.impls) for s in plan[:7]]
     linear = ("ours-linear", "unfused", "trl-linear", "liger-linear")
     assert head == [
-        ("logits", 8192, "token", 0.04, ("ours-triton", "ours-trainer", "liger", "trl", "eager")),
+        ("logits", 8192, "token", 0.04, ("ours-triton", "ours-trainer", "ours-2pass", "liger", "trl", "eager")),
         ("logits", 8192, "sequence", 0.04, ("ours-trainer", "liger")),
         ("logprobs", 8192, "token", 0.0, ("ours-logprobs", "ours-logprobs-entropy", "trl-logprobs")),
-        ("logits", 16384, "token", 0.0, ("ours-trainer", "liger")),
-        ("logits", 16384, "token", 0.04, ("ours-trainer", "liger")),
+        ("logits", 16384, "token", 0.0, ("ours-trainer", "ours-2pass", "liger")),
+        ("logits", 16384, "token", 0.04, ("ours-trainer", "ours-2pass", "liger")),
         ("linear", 8192, "token", 0.04, linear),
         ("linear", 16384, "token", 0.04, linear)]
     assert all(s.case.vocab == 151936 and s.case.dtype == "bfloat16" for s in plan[:7])
@@ -368,7 +368,7 @@ def test_gpu_plan_runs_under_the_interpreter(tmp_path):
     """The GPU plan's code path at tiny shapes, Triton under the interpreter: the GEMM baseline,
     the work unit with ours bare and as a trainer calls it (gradient into the whole output,
     zero at its last position), the forward-only pass; then the report's summary."""
-    impls = "ours-triton,ours-trainer,trl,eager,ours-logprobs,ours-logprobs-entropy,trl-logprobs,liger"
+    impls = "ours-triton,ours-trainer,ours-2pass,trl,eager,ours-logprobs,ours-logprobs-entropy,trl-logprobs,liger"
     proc, results = _supervised(tmp_path, ["--smoke", "--device", "cpu", "--plan", "gpu", "--steps", "0,2",
                                            "--impls", impls, "--profile", "on"], env={"TRITON_INTERPRET": "1"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -379,6 +379,7 @@ def test_gpu_plan_runs_under_the_interpreter(tmp_path):
     assert {k for k in rows if k[0] == 2} == {(2, "ours-logprobs"), (2, "ours-logprobs-entropy"), (2, "trl-logprobs")}
     assert rows[(0, "ours-triton")]["call"] == "bare" and rows[(0, "eager")]["call"] == "trainer-slice"
     assert rows[(0, "ours-trainer")]["call"] in ("trainer", "trainer-slice")
+    assert rows[(0, "ours-2pass")]["call"] == rows[(0, "ours-trainer")]["call"]
     for key in ((0, "eager"), (0, "trl"), (2, "ours-logprobs"), (2, "ours-logprobs-entropy"), (2, "trl-logprobs")):
         assert rows[key]["note"] is None and rows[key]["fwd_ms"] > 0 and rows[key]["max_err"] <= rows[key]["tolerance"]
     for key in ((0, "eager"), (0, "trl")):

@@ -32,7 +32,7 @@ SUMMARY_RESERVE_S=${SUMMARY_RESERVE_S:-25}
 STAGES=${GPU_STAGES:-wheels,env,tests,bench,summary}
 DRY=${GPU_DRY:-0}
 TEST_FILES=${GPU_TEST_FILES:-tests/test_sweep.py tests/test_fused_loss.py tests/test_packed.py \
-tests/test_loss_triton.py tests/test_linear.py tests/test_hostile.py tests/test_cuda_backend.py}
+tests/test_loss_triton.py tests/test_two_pass.py tests/test_linear.py tests/test_hostile.py tests/test_cuda_backend.py}
 # Not GPU tests: ahead-of-time compiles for sm_80/sm_90 in subprocesses (minutes of CPU; CI runs them).
 DESELECT=(--deselect tests/test_linear.py::test_kernels_compile_for_sm80_and_sm90)
 START=$SECONDS

@@ -11,6 +11,10 @@ an implementation with `padded_input`. All compute the objective of Case.options
   trl          TRL 1.16's fused Triton log-prob/entropy kernel + the eager loss
   ours-triton, ours-torch, ours-cuda
                grpo_kernels.fused_grpo_loss(..., backend=...)
+  ours-trainer the same Triton call on the model's whole output (see the calls below)
+  ours-2pass   ours-trainer with GRPO_KERNELS_TWO_PASS=1 during the call: the two-pass kernel
+               for token-local losses (SPEC section 14), opt-in until a GPU measures it; on a
+               checkout without that switch it times the default path (its `kernels` say which)
 
 "The eager loss" is reference.grpo_loss_from_logprobs: TRL inlines its loss in
 GRPOTrainer._compute_loss, which cannot be called on tensors alone, and the reference
@@ -27,6 +31,23 @@ weight (V, H) of a LinearProblem:
   liger-linear Liger-Kernel 0.8.x's LigerFusedLinearGRPOLoss (liger_kernel.chunked_loss)
   trl-linear   TRL 1.16's ChunkedLogProbFunction (trl/kernels/chunked_logprob.py) called as
                its add_fused_lm_head calls it in GRPOTrainer, + the eager loss
+
+Each logits implementation also has a `call` (bench/names.py): ours-triton is timed "bare"
+(on a (B, T, V) leaf); ours-trainer is the same kernels called as a trainer calls them, on
+the model's whole (B, T+1, V) output (call "trainer" where fused_grpo_loss takes that
+output, SPEC section 15; "trainer-slice", logits[:, :-1] and autograd's slice backward,
+where this checkout's does not yet: full_output_supported decides once); liger takes the
+whole output natively ("trainer"); trl, eager and compile slice it as TRL does
+("trainer-slice"). On the CPU grid eager and ours-torch stay "bare", as before.
+
+The logprobs unit (the old/ref passes, no gradient) has functions fn(problem, logits) ->
+(logprobs, entropy or None) under torch.no_grad():
+
+  ours-logprobs          grpo_kernels.token_logprobs, entropy off, on the whole output
+                         (its [:, :-1] view where the whole is not taken yet)
+  ours-logprobs-entropy  the same with return_entropy=True
+  trl-logprobs           TRL 1.16's selective_log_softmax_and_entropy (log-probs and entropy)
+  eager-logprobs         trl_style_selective_log_softmax (no entropy)
 """
 from __future__ import annotations
 
@@ -46,20 +67,13 @@ import grpo_kernels
 from grpo_kernels import reference
 from grpo_kernels.options import GRPOOptions
 
+from .names import (ALL, BASELINES, LINEAR_BASELINES, LINEAR_IMPLS, LINEAR_PEERS, LOGITS_IMPLS,  # noqa: F401
+                    LOGPROBS_IMPLS, PEERS)
 from .problem import LinearProblem, Problem
 
 LossFn = Callable[[Problem, torch.Tensor], torch.Tensor]
 LinearLossFn = Callable[[LinearProblem, torch.Tensor, torch.Tensor], torch.Tensor]
-
-LOGITS_IMPLS = ("eager", "compile", "liger", "trl", "ours-triton", "ours-torch", "ours-cuda")
-LINEAR_IMPLS = ("ours-linear", "unfused", "liger-linear", "trl-linear")
-ALL = LOGITS_IMPLS + LINEAR_IMPLS
-# The peers a ratio is reported against (SPEC section 4: >= 5x eager, >= 1.3x the best peer).
-BASELINES = ("eager", "compile", "liger", "trl")
-PEERS = ("liger", "trl")
-# The same for the fused-linear unit (issue 6 item 4: <= 1.15x unfused, >= 1.3x the faster peer).
-LINEAR_BASELINES = ("unfused", "liger-linear", "trl-linear")
-LINEAR_PEERS = ("liger-linear", "trl-linear")
+LogprobsFn = Callable[[Problem, torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
 # Run on the CPU only when asked for with --impls: their CPU code is a fallback (Liger's
 # loss without torch.compile, TRL's torch tiles instead of its Triton fold), useful to
 # check an adapter here, not what their users run.
@@ -73,7 +87,8 @@ class Impl:
     padded_input: bool = False  # takes the whole (B, T+1, V) buffer (Liger's convention)
     inplace: bool = False  # the gradient overwrites the logits: fresh logits are needed to read results
     version: str | None = None  # of the third-party package, recorded with the results
-    unit: str = "logits"  # the cases it takes: "logits" (a Problem) or "linear" (a LinearProblem)
+    unit: str = "logits"  # the cases it takes: "logits", "logprobs" (a Problem) or "linear" (a LinearProblem)
+    call: str = "bare"  # how it is handed the model's output (bench/names.py)
 
 
 # --- eager ------------------------------------------------------------------------------
@@ -234,6 +249,83 @@ def _ours(backend: str) -> LossFn:
     return loss
 
 
+@contextlib.contextmanager
+def _environ(name: str, value: str):
+    """os.environ[name] = value inside the block, as it was after."""
+    import os
+
+    before = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = before
+
+
+def _ours_two_pass() -> LossFn:
+    inner = _ours("triton")
+
+    def loss(p: Problem, logits: torch.Tensor) -> torch.Tensor:
+        # The switch is read when the loss runs its forward, which computes the gradient too.
+        with _environ("GRPO_KERNELS_TWO_PASS", "1"):
+            return inner(p, logits)
+
+    return loss
+
+
+def full_output_supported() -> bool:
+    """Whether this checkout's fused_grpo_loss and token_logprobs take the model's whole output
+    (B, L, V), L > T, with completion_ids (B, T) (SPEC section 15), decided once by a tiny call
+    on the CPU (torch backend). Before that API lands they refuse the shape."""
+    global _FULL_OUTPUT
+    if _FULL_OUTPUT is None:
+        g = torch.Generator().manual_seed(0)
+        B, T, V = 2, 3, 5
+        full = torch.randn(B, T + 1, V, generator=g)
+        ids = torch.randint(0, V, (B, T), generator=g)
+        try:
+            loss, _ = grpo_kernels.fused_grpo_loss(full.requires_grad_(True), ids, torch.randn(B, generator=g),
+                                                   backend="torch")
+            (grad,) = torch.autograd.grad(loss, full)
+            logprobs = grpo_kernels.token_logprobs(full.detach(), ids, backend="torch")
+            _FULL_OUTPUT = grad.shape == full.shape and logprobs.shape == ids.shape
+        except (ValueError, TypeError, RuntimeError):
+            _FULL_OUTPUT = False
+    return _FULL_OUTPUT
+
+
+_FULL_OUTPUT: bool | None = None
+
+
+# --- the forward-only log-prob pass (the old/ref policies) --------------------------------
+
+
+def _ours_logprobs(entropy: bool) -> LogprobsFn:
+    def fn(p: Problem, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        out = grpo_kernels.token_logprobs(logits, p.ids, p.case.options["temperature"], return_entropy=entropy,
+                                          mask=p.mask, backend="triton")
+        return out if entropy else (out, None)
+
+    return fn
+
+
+def _trl_logprobs() -> LogprobsFn:
+    kernel = _trl_kernel_module().selective_log_softmax_and_entropy
+
+    def fn(p: Problem, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        logprobs, entropy = kernel(logits, p.ids, temperature=p.case.options["temperature"], row_mask=p.mask)
+        return logprobs, entropy
+
+    return fn
+
+
+def _eager_logprobs(p: Problem, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    return trl_style_selective_log_softmax(logits, p.ids, p.case.options["temperature"]), None
+
+
 # --- the fused-linear unit --------------------------------------------------------------
 
 
@@ -309,6 +401,14 @@ def _trl_linear_loss() -> LinearLossFn:
     return loss
 
 
+def _interpreted() -> bool:
+    """Triton's interpreter is on: the Triton implementations run on CPU tensors (slowly), which
+    lets the GPU plan be exercised on a machine without a GPU (--plan gpu --smoke)."""
+    import os
+
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def _version(dist: str) -> str | None:
     try:
         return importlib.metadata.version(dist)
@@ -332,7 +432,8 @@ def discover(device: torch.device, requested: Sequence[str] | None = None) -> tu
     machine, and Liger's and TRL's fused-linear paths run fallback code there.
     """
     on_gpu = device.type == "cuda"
-    names = list(requested) if requested else [n for n in ALL if on_gpu or n not in CPU_ON_REQUEST]
+    names = list(requested) if requested else [n for n in LOGITS_IMPLS + LINEAR_IMPLS
+                                                if on_gpu or n not in CPU_ON_REQUEST]
     unknown = sorted(set(names) - set(ALL))
     if unknown:
         raise ValueError(f"unknown implementation(s) {unknown}; choose from {', '.join(ALL)}")
@@ -341,35 +442,59 @@ def discover(device: torch.device, requested: Sequence[str] | None = None) -> tu
     if not requested and not on_gpu:
         skipped.update({n: "CPU: runs only when named in --impls (see impls.CPU_ON_REQUEST)" for n in CPU_ON_REQUEST})
     liger_version = _version("liger-kernel") or _version("liger_kernel")
+    # Under the interpreter the Triton implementations run on the CPU when named (the GPU plan
+    # exercised here names its implementations); the CPU grid's default set stays CPU code.
+    triton_runs = on_gpu or (_interpreted() and bool(requested))
+    # The peers and eager are called as a trainer calls them wherever the trainer calls exist
+    # (the GPU, or the GPU plan exercised under the interpreter); the CPU grid keeps them bare.
+    sliced = "trainer-slice" if triton_runs else "bare"
     for name in names:
         try:
             if name == "eager":
-                impls.append(Impl(name, _eager))
+                impls.append(Impl(name, _eager, call=sliced))
             elif name == "compile":
-                impls.append(Impl(name, _compile))
+                impls.append(Impl(name, _compile, call=sliced))
+            elif name == "eager-logprobs":
+                impls.append(Impl(name, _eager_logprobs, unit="logprobs", call="forward"))
             elif name == "ours-torch":
                 impls.append(Impl(name, _ours("torch")))
             elif name == "ours-linear":
-                impls.append(Impl(name, _ours_linear("triton" if on_gpu else "torch"), unit="linear"))
+                impls.append(Impl(name, _ours_linear("triton" if on_gpu else "torch"), unit="linear", call="hidden"))
             elif name == "unfused":
-                impls.append(Impl(name, _unfused("triton" if on_gpu else "torch"), unit="linear"))
+                impls.append(Impl(name, _unfused("triton" if on_gpu else "torch"), unit="linear", call="hidden"))
             elif name == "liger-linear":
-                impls.append(Impl(name, _liger_linear_loss(compiled=on_gpu), version=liger_version, unit="linear"))
+                impls.append(Impl(name, _liger_linear_loss(compiled=on_gpu), version=liger_version, unit="linear",
+                                  call="hidden"))
             elif name == "trl-linear":
-                impls.append(Impl(name, _trl_linear_loss(), version=_version("trl"), unit="linear"))
-            elif not on_gpu:  # the rest are Triton or CUDA code
+                impls.append(Impl(name, _trl_linear_loss(), version=_version("trl"), unit="linear", call="hidden"))
+            elif not triton_runs or (name == "ours-cuda" and not on_gpu):  # the rest are Triton or CUDA code
                 skipped[name] = "needs a CUDA device"
             elif name == "ours-triton":
                 impls.append(Impl(name, _ours("triton")))
+            elif name == "ours-trainer":
+                full = full_output_supported()
+                # The same call as ours-triton: fused_grpo_loss recognises the whole output by its shape.
+                impls.append(Impl(name, _ours("triton"), padded_input=full,
+                                  call="trainer" if full else "trainer-slice"))
+            elif name == "ours-2pass":
+                full = full_output_supported()
+                impls.append(Impl(name, _ours_two_pass(), padded_input=full,
+                                  call="trainer" if full else "trainer-slice"))
+            elif name in ("ours-logprobs", "ours-logprobs-entropy"):
+                impls.append(Impl(name, _ours_logprobs(name.endswith("entropy")), unit="logprobs",
+                                  call="forward", padded_input=full_output_supported()))
+            elif name == "trl-logprobs":
+                impls.append(Impl(name, _trl_logprobs(), unit="logprobs", call="forward", version=_version("trl")))
             elif name == "ours-cuda":
                 if _cuda_backend_available():
                     impls.append(Impl(name, _ours("cuda")))
                 else:
                     skipped[name] = "grpo_kernels.sweep.cuda is not built or not available"
             elif name == "liger":
-                impls.append(Impl(name, _liger_loss(), padded_input=True, inplace=True, version=liger_version))
+                impls.append(Impl(name, _liger_loss(), padded_input=True, inplace=True, version=liger_version,
+                                  call="trainer"))
             elif name == "trl":
-                impls.append(Impl(name, _trl_loss(), version=_version("trl")))
+                impls.append(Impl(name, _trl_loss(), version=_version("trl"), call=sliced))
         except ImportError as exc:
             skipped[name] = f"not importable: {exc}"
     return impls, skipped

@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parent.parent
 SPEC_TOP_KEYS = {"device", "commit", "date", "torch", "triton", "copy_gbps", "rows"}
 SPEC_ROW_KEYS = {"impl", "n_tokens", "vocab", "dtype", "beta", "level", "fwd_ms", "fwd_bwd_ms", "peak_extra_mb"}
 # SPEC section 5's impl names, and those of the fused-linear unit (issue 6; bench/NOTES.md).
-IMPLS = {"eager", "compile", "liger", "trl", "ours-triton", "ours-cuda", "ours-torch"}
+IMPLS = {"eager", "compile", "liger", "trl", "ours-triton", "ours-trainer", "ours-cuda", "ours-torch"}
 LINEAR_IMPLS = {"ours-linear", "unfused", "liger-linear", "trl-linear"}
 # The intended share of masked (B, T) rows of the padding-heavy case (bench/problem.py).
 HEAVY_RANGE = (0.40, 0.60)
@@ -41,7 +41,8 @@ def test_results_file_has_the_spec_schema(smoke_run):
     results, json_path, _ = smoke_run
     assert SPEC_TOP_KEYS <= results.keys()
     assert json_path.name.endswith(f"-{results['date']}.json") and json_path.name.startswith("cpu-")
-    assert results["mode"] == "cpu" and results["complete"] is True
+    assert results["mode"] == "cpu" and results["complete"] is True and results["plan"] == "grid"
+    assert results["in_flight"] is None and results["not_started"] == [] and results["gemm"] == []
     assert isinstance(results["copy_gbps"], float) and results["copy_gbps"] > 0
     assert results["commit"]
     rows = results["rows"]
@@ -53,6 +54,12 @@ def test_results_file_has_the_spec_schema(smoke_run):
         assert row["dtype"] in ("float32", "bfloat16") and row["level"] in ("token", "sequence")
         assert row["peak_extra_mb"] is None  # no allocator counter on the CPU
         assert row["mode"] == "cpu"
+        assert row["call"] == ("hidden" if row["hidden"] else "bare") and isinstance(row["step"], int)
+        # issue 18 item 3: the CPU figure is the resident set's growth, where measure has it.
+        from bench import measure
+
+        if hasattr(measure, "peak_rss_growth"):
+            assert row["peak_rss_mb"] is not None
     # On the CPU the harness compares eager PyTorch with our chunked path, and the unfused
     # matmul + logits kernel with our fused-linear path; all are right.
     logits, linear = [r for r in rows if not r["hidden"]], [r for r in rows if r["hidden"]]
@@ -301,3 +308,145 @@ def test_report_keeps_padding_profiles_apart():
                "triton": "3.6.0", "copy_gbps": 3000.0, "mode": "gpu", "rows": rows}
     text = report.table(results)
     assert "padding mild" in text and "padding heavy (53.0% of rows masked)" in text
+
+
+def test_gpu_plan_order():
+    """SPEC section 18's rows in the order of the brief: the work unit (ours bare and as a
+    trainer calls it, then the peers), GSPO, the forward-only pass, 16,384 tokens, fused linear;
+    never the CPU path, compile only when asked for; the rest of the grid after."""
+    from bench import run
+
+    plan = run.gpu_plan(smoke=False)
+    head = [(s.case.unit, s.case.n_tokens, s.case.level, s.case.beta, s.impls) for s in plan[:7]]
+    linear = ("ours-linear", "unfused", "trl-linear", "liger-linear")
+    assert head == [
+        ("logits", 8192, "token", 0.04, ("ours-triton", "ours-trainer", "ours-2pass", "liger", "trl", "eager")),
+        ("logits", 8192, "sequence", 0.04, ("ours-trainer", "liger")),
+        ("logprobs", 8192, "token", 0.0, ("ours-logprobs", "ours-logprobs-entropy", "trl-logprobs")),
+        ("logits", 16384, "token", 0.0, ("ours-trainer", "ours-2pass", "liger")),
+        ("logits", 16384, "token", 0.04, ("ours-trainer", "ours-2pass", "liger")),
+        ("linear", 8192, "token", 0.04, linear),
+        ("linear", 16384, "token", 0.04, linear)]
+    assert all(s.case.vocab == 151936 and s.case.dtype == "bfloat16" for s in plan[:7])
+    assert plan[5].case.hidden == 4096
+    assert not any(n in ("ours-torch", "ours-cuda", "compile") for s in plan for n in s.impls)
+    assert "compile" in run.gpu_plan(smoke=False, with_compile=True)[0].impls
+    assert len(plan) > 7 and len({s.case for s in plan}) == len(plan)  # the tail repeats no case
+    assert len(run.gpu_plan(smoke=False, tail=False)) == 7
+
+
+def _supervised(tmp_path, args, env=None, deadline_s=240, timeout=420):
+    import os
+
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "bench.supervise", "--json", str(out / "results.json"),
+                           "--deadline-s", str(deadline_s), "--", "--out", str(out), *args],
+                          cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})})
+    results = json.loads((out / "results.json").read_text())
+    return proc, results
+
+
+def test_supervisor_records_a_hang_and_a_crash_and_goes_on(tmp_path):
+    """An implementation that hangs is killed at its limit, one that kills its process is
+    restarted after; each gets a row saying so, and every other row of the plan is measured."""
+    proc, results = _supervised(tmp_path, ["--smoke", "--device", "cpu", "--plan", "grid", "--unit", "logits",
+                                           "--padding", "heavy"],
+                                env={"BENCH_FAULT": "hang:ours-torch:1,crash:eager:2", "BENCH_LIMIT_SCALE": "0.1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = {(r["step"], r["impl"]): r for r in results["rows"]}
+    assert set(rows) == {(i, n) for i in range(4) for n in ("eager", "ours-torch")}
+    assert "ran past its limit" in rows[(1, "ours-torch")]["note"] and rows[(1, "ours-torch")]["fwd_ms"] is None
+    assert "crashed" in rows[(2, "eager")]["note"]
+    others = [r for k, r in rows.items() if k not in ((1, "ours-torch"), (2, "eager"))]
+    assert all(r["note"] is None and r["fwd_bwd_ms"] > 0 for r in others)
+    assert results["complete"] is True and results["restarts"] == 2 and results["supervised_children"] == 3
+    assert results["in_flight"] is None
+
+
+def test_gpu_plan_runs_under_the_interpreter(tmp_path):
+    """The GPU plan's code path at tiny shapes, Triton under the interpreter: the GEMM baseline,
+    the work unit with ours bare and as a trainer calls it (gradient into the whole output,
+    zero at its last position), the forward-only pass; then the report's summary."""
+    impls = "ours-triton,ours-trainer,ours-2pass,trl,eager,ours-logprobs,ours-logprobs-entropy,trl-logprobs,liger"
+    proc, results = _supervised(tmp_path, ["--smoke", "--device", "cpu", "--plan", "gpu", "--steps", "0,2",
+                                           "--impls", impls, "--profile", "on"], env={"TRITON_INTERPRET": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert results["plan"] == "gpu" and results["complete"] is True
+    assert [g["name"] for g in results["gemm"]] == ["gemm", "gemm-fp32-out"]
+    assert results["gemm"][0]["ms"] > 0 and results["gemm"][0]["rel_err_fp64_corner"] < 1e-2
+    rows = {(r["step"], r["impl"]): r for r in results["rows"]}
+    assert {k for k in rows if k[0] == 2} == {(2, "ours-logprobs"), (2, "ours-logprobs-entropy"), (2, "trl-logprobs")}
+    assert rows[(0, "ours-triton")]["call"] == "bare" and rows[(0, "eager")]["call"] == "trainer-slice"
+    assert rows[(0, "ours-trainer")]["call"] in ("trainer", "trainer-slice")
+    assert rows[(0, "ours-2pass")]["call"] == rows[(0, "ours-trainer")]["call"]
+    for key in ((0, "eager"), (0, "trl"), (2, "ours-logprobs"), (2, "ours-logprobs-entropy"), (2, "trl-logprobs")):
+        assert rows[key]["note"] is None and rows[key]["fwd_ms"] > 0 and rows[key]["max_err"] <= rows[key]["tolerance"]
+    for key in ((0, "eager"), (0, "trl")):
+        assert rows[key]["unscored_grad_zero"] is True and rows[key]["x_floor2"] > 0
+    assert rows[(2, "ours-logprobs")]["returns_entropy"] is False
+    assert rows[(2, "ours-logprobs-entropy")]["returns_entropy"] is True and rows[(2, "ours-logprobs")]["x_floor1"] > 0
+    assert rows[(0, "eager")]["kernels"] == {"error": "no device kernels on the CPU"}
+    if "liger" not in results["skipped_impls"]:
+        assert rows[(0, "liger")]["call"] == "trainer"
+    from bench import report
+
+    text = report.summary(results)
+    assert "SUMMARY" in text and "gemm-fp32-out" in text and "trainer-slice" in text and "logprobs" in text
+    assert not any("logprobs" in line for line in report.summarize_errors(results["rows"]))
+
+
+def test_report_cli_and_settle(tmp_path):
+    """python -m bench.report prints the table and the summary of a results file; a killed
+    phase becomes rows with the reason (or a note on a profiled row); finalize lists what
+    never started."""
+    from bench import report
+
+    def row(impl, step, ms=None, note=None):
+        return {"impl": impl, "n_tokens": 8192, "vocab": 151936, "dtype": "bfloat16", "beta": 0.04, "level": "token",
+                "fwd_ms": ms, "fwd_bwd_ms": ms, "peak_extra_mb": 10.0, "max_err": 1e-3, "note": note, "mode": "gpu",
+                "batch": 8, "seq_len": 1024, "unit": "logits", "call": "bare", "step": step, "hidden": None}
+
+    results = {"device": "NVIDIA H200", "commit": "0" * 40, "date": "2026-01-01", "torch": "2.11.0",
+               "triton": "3.6.0", "copy_gbps": 4000.0, "mode": "gpu", "plan": "gpu", "rows": [row("eager", 0, 8.0)],
+               "gemm": [{"name": "gemm", "n_tokens": 8192, "hidden": 4096, "vocab": 151936, "out_dtype": "bfloat16",
+                         "ms": 15.0, "tflops": 680.0, "rel_err_fp64_corner": 1e-3}],
+               "steps": [{"step": 0, "unit": "logits", "case": {}, "impls": ["eager", "ours-triton", "liger"]},
+                         {"step": 1, "unit": "logits", "case": {"n_tokens": 1}, "impls": ["liger"]}],
+               "in_flight": {"step": 0, "phase": "measure", "started": 0.0, "limit_s": 60,
+                             "rows": [row("ours-triton", 0)], "row_index": None}}
+    report.settle_in_flight(results, "ran past its limit of 60 s (hung or too slow): killed")
+    assert results["in_flight"] is None and "ran past its limit" in results["rows"][-1]["note"]
+    results["in_flight"] = {"step": 0, "phase": "profile", "started": 0.0, "limit_s": 45, "rows": [], "row_index": 0}
+    report.settle_in_flight(results, "crashed")
+    assert results["rows"][0]["kernels"] == {"error": "profiling: crashed"}
+    report.finalize(results)
+    assert results["not_started"] == ["step 0 liger", "step 1 liger"] and results["complete"] is False
+    assert results["skipped_cases"] == [{"n_tokens": 1}]
+    path = tmp_path / "r.json"
+    report.derive(results["rows"], results["copy_gbps"])
+    report.write_json(results, path)
+    proc = subprocess.run([sys.executable, "-m", "bench.report", str(path), "--plot", str(tmp_path / "r.png")],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.rstrip().splitlines()[0].startswith("N=8192") or "eager" in proc.stdout
+    assert "SUMMARY" in proc.stdout and "not started (2)" in proc.stdout and "680.0 TFLOP/s" in proc.stdout
+    assert "x 2pass" in proc.stdout
+
+
+def test_native_mode_moves_the_tests_tensors():
+    """GRPO_TEST_NATIVE=1 (tests/conftest.py): tensors that test code makes without a device go
+    to the device (here "meta", which any machine has), requires_grad leaves stay leaves, and
+    tensors made by library code, or with a device named, stay where they are made."""
+    import conftest
+    from bench.problem import completion_lengths
+
+    g = torch.Generator().manual_seed(0)
+    with conftest._TestTensorsOn(torch.device("meta")):
+        x = torch.randn(2, 3, generator=g)
+        leaf = torch.zeros(4, requires_grad=True)
+        named = torch.ones(2, device="cpu")
+        lengths = completion_lengths("mild", 4, 16, torch.Generator().manual_seed(0), torch.device("cpu"))
+    assert x.device.type == "meta" and leaf.device.type == "meta" and leaf.is_leaf and leaf.requires_grad
+    assert named.device.type == "cpu" and lengths.device.type == "cpu"
+    assert conftest._to_device({"a": [torch.ones(1)], "b": 1}, torch.device("meta"))["a"][0].device.type == "meta"

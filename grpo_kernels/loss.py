@@ -95,7 +95,7 @@ def _vespo_weight(A: torch.Tensor, log_ratio: torch.Tensor, sums: _Sums, rollout
     layout = sums.layout
     log_floor = math.log(1e-8)
     log_w = layout.seq_sum(log_ratio.clamp(-20.0, 20.0) * sums.mask)
-    if rollout_is_ratio is not None:  # TRL sums the sampler's log-ratio over every position
+    if rollout_is_ratio is not None:  # TRL sums it over every position; a masked one reads as 1 here (never read)
         log_w = log_w + layout.seq_sum(rollout_is_ratio.log().clamp(log_floor, 20.0))
     log_w = layout.seq_expand(log_w.clamp(log_floor, 20.0))
     nonneg = A >= 0

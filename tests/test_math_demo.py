@@ -273,8 +273,10 @@ def kl_value_and_slope(estimator, d):
 
 
 def vespo_phi(A, log_ratio, mask, is_ratio, o):
-    """VESPO's detached weight: the sequence ratio (a sum of log-ratios, times the rollout ratio) through phi."""
+    """VESPO's detached weight: the sequence ratio (a sum of log-ratios, times the rollout ratio) through phi.
+    A masked position is never read (docs/design.md, "Non-finite inputs"): its rollout ratio counts as 1."""
     floor = math.log(1e-8)
+    is_ratio = torch.where(mask != 0, is_ratio, 1.0)
     log_w = (log_ratio.clamp(-20.0, 20.0) * mask).sum(-1, keepdim=True)
     log_w = (log_w + is_ratio.log().clamp(floor, 20.0).sum(-1, keepdim=True)).clamp(floor, 20.0)
     k = torch.where(A >= 0, torch.tensor(o.vespo_k_pos, dtype=F64), torch.tensor(o.vespo_k_neg, dtype=F64))

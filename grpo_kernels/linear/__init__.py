@@ -239,6 +239,7 @@ class _TokenLocalLinear(torch.autograd.Function):
         return loss, out, logprobs
 
     @staticmethod
+    @single_backward
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss, _grad_out, _grad_logprobs):
         grads, ctx.grads = ctx.grads, None

@@ -134,6 +134,38 @@ def token_terms(l, r, ratio, A, ref, rollout, beta, eps_low, eps_high, delta, du
     return loss, dloss_dratio, dkl_dl, kl, is_low, is_high
 
 
+@triton.jit
+def read_token_terms(rows, ok, l, A, m, seq_ratio, old_ptr, ref_ptr, rollout_ptr, beta, eps_low, eps_high, delta,
+                     dual_clip, SEQ_LEVEL: tl.constexpr, HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr,
+                     HAS_ROLLOUT: tl.constexpr, HAS_DELTA: tl.constexpr, HAS_DUAL_CLIP: tl.constexpr,
+                     KL_ESTIMATOR: tl.constexpr, KL_RATIO_WEIGHT: tl.constexpr):
+    """Reads old, ref and the rollout weight of `rows` where ok (the rows to read: active ones) and
+    evaluates token_terms with their log-probs l, advantages A and mask weights m; the surrogate
+    clips the sequence ratio seq_ratio with SEQ_LEVEL, else the token ratio r. Returns (r, ratio,
+    loss, dloss/dratio, dloss/dl through the KL, kl, is_low, is_high, bad), bad being NaN where an
+    input is not finite (added to the loss and c: never a finite number from a NaN)."""
+    old = l
+    if HAS_OLD:
+        old = tl.load(old_ptr + rows, mask=ok, other=0.0).to(tl.float32)
+    r = tl.exp(l - old)
+    ratio = r
+    if SEQ_LEVEL:
+        ratio = tl.zeros_like(r) + seq_ratio
+    ref = l
+    if HAS_REF:
+        ref = tl.load(ref_ptr + rows, mask=ok, other=0.0).to(tl.float32)
+    rollout = r
+    if HAS_ROLLOUT:
+        rollout = tl.load(rollout_ptr + rows, mask=ok, other=0.0).to(tl.float32)
+    loss, dloss_dratio, dkl_dl, kl, is_low, is_high = token_terms(
+        l, r, ratio, A, ref, rollout, beta, eps_low, eps_high, delta, dual_clip, HAS_DELTA, HAS_DUAL_CLIP, HAS_ROLLOUT,
+        HAS_REF, KL_ESTIMATOR, KL_RATIO_WEIGHT)
+    bad = _nonfinite(l) + _nonfinite(A) + _nonfinite(old) + _nonfinite(ref) + _nonfinite(m)
+    if HAS_ROLLOUT:
+        bad += _nonfinite(rollout)
+    return r, ratio, loss, dloss_dratio, dkl_dl, kl, is_low, is_high, bad
+
+
 @triton.jit(do_not_specialize=["T", "S"])
 def _loss_kernel(
     logprobs_ptr, entropy_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, rollout_ptr, offsets_ptr, coef_ptr, sums_ptr,
@@ -196,25 +228,9 @@ def _loss_kernel(
             A = tl.where(ok, A_seq, 0.0)
         else:
             A = tl.load(adv_ptr + rows, mask=ok, other=0.0).to(tl.float32)
-        old = l
-        if HAS_OLD:
-            old = tl.load(old_ptr + rows, mask=ok, other=0.0).to(tl.float32)
-        r = tl.exp(l - old)
-        ratio = r
-        if SEQ_LEVEL:
-            ratio = tl.zeros((BLOCK,), tl.float32) + seq_ratio
-        ref = l
-        if HAS_REF:
-            ref = tl.load(ref_ptr + rows, mask=ok, other=0.0).to(tl.float32)
-        w = r
-        if HAS_ROLLOUT:
-            w = tl.load(rollout_ptr + rows, mask=ok, other=0.0).to(tl.float32)
-        loss, dloss_dratio, dkl_dl, kl, is_low, is_high = token_terms(
-            l, r, ratio, A, ref, w, beta, eps_low, eps_high, delta, dual_clip, HAS_DELTA, HAS_DUAL_CLIP, HAS_ROLLOUT,
-            HAS_REF, KL_ESTIMATOR, KL_RATIO_WEIGHT)
-        bad = _nonfinite(l) + _nonfinite(A) + _nonfinite(old) + _nonfinite(ref) + _nonfinite(m)
-        if HAS_ROLLOUT:
-            bad += _nonfinite(w)
+        r, _, loss, dloss_dratio, dkl_dl, kl, is_low, is_high, bad = read_token_terms(
+            rows, ok, l, A, m, seq_ratio, old_ptr, ref_ptr, rollout_ptr, beta, eps_low, eps_high, delta, dual_clip,
+            SEQ_LEVEL, HAS_OLD, HAS_REF, HAS_ROLLOUT, HAS_DELTA, HAS_DUAL_CLIP, KL_ESTIMATOR, KL_RATIO_WEIGHT)
         if SEQ_LEVEL:  # the ratio's gradient reaches every token of the sequence: pass 3
             grad_seq_ratio += tl.sum(m * dloss_dratio, axis=0)
             dloss_dl = dkl_dl
@@ -473,22 +489,9 @@ def row_coefficients(rows, ok, l, H, w_ptr, mask_ptr, adv_ptr, old_ptr, ref_ptr,
     H = tl.where(live, H, 0.0)
     w = tl.load(w_ptr + rows, mask=live, other=0.0)
     A = tl.load(adv_ptr + rows, mask=live, other=0.0)
-    old = l
-    if HAS_OLD:
-        old = tl.load(old_ptr + rows, mask=live, other=0.0).to(tl.float32)
-    r = tl.exp(l - old)
-    ref = l
-    if HAS_REF:
-        ref = tl.load(ref_ptr + rows, mask=live, other=0.0).to(tl.float32)
-    rollout = r
-    if HAS_ROLLOUT:
-        rollout = tl.load(rollout_ptr + rows, mask=live, other=0.0).to(tl.float32)
-    loss, dloss_dratio, dkl_dl, kl, is_low, is_high = token_terms(
-        l, r, r, A, ref, rollout, beta, eps_low, eps_high, delta, dual_clip, HAS_DELTA, HAS_DUAL_CLIP, HAS_ROLLOUT,
-        HAS_REF, KL_ESTIMATOR, KL_RATIO_WEIGHT)
-    bad = _nonfinite(l) + _nonfinite(A) + _nonfinite(old) + _nonfinite(ref) + _nonfinite(m)
-    if HAS_ROLLOUT:
-        bad += _nonfinite(rollout)
+    r, _, loss, dloss_dratio, dkl_dl, kl, is_low, is_high, bad = read_token_terms(
+        rows, live, l, A, m, 1.0, old_ptr, ref_ptr, rollout_ptr, beta, eps_low, eps_high, delta, dual_clip, False,
+        HAS_OLD, HAS_REF, HAS_ROLLOUT, HAS_DELTA, HAS_DUAL_CLIP, KL_ESTIMATOR, KL_RATIO_WEIGHT)
     c = tl.where(live, w * (dloss_dratio * r + dkl_dl) * tl.load(scal_ptr) + bad, 0.0)
     e = tl.where(live, m * tl.load(scal_ptr + 1), 0.0)
     z = tl.zeros_like(c)

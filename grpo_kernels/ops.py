@@ -15,8 +15,6 @@ whole tensor is written by our kernels, so autograd never copies it through a sl
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from . import loss_triton

@@ -537,7 +537,7 @@ def test_rejects_what_it_cannot_run(device):
 # float64 contract is tests/two_pass_reference.py (torch ops only, independent of the kernel).
 
 from two_pass_reference import (OPTION_SETS, check_two_pass, make_two_pass_inputs, nan_poisoned,  # noqa: E402
-                                reference_two_pass)  # (tests/ is on sys.path)
+                                poison_inactive, reference_two_pass)  # (tests/ is on sys.path)
 
 
 def test_two_pass_unavailable_says_why():
@@ -611,13 +611,8 @@ def test_two_pass_inactive_rows_are_never_read(two_pass_device, dtype, shifted):
     kw = make_two_pass_inputs(B, L, V, T, 1, dtype, two_pass_device, 21, OPTION_SETS["everything"],
                               temperature="per_row", active_fraction=0.6, shifted=shifted)
     clean = reference_two_pass(kw)
+    poison_inactive(kw, T)
     inactive = ~kw["active"]
-    r = inactive.nonzero()[:, 0]
-    kw["logits"][r // T, 1 + r % T] = float("nan")
-    kw["ids"][inactive] = -(10**15)
-    kw["temperature_rows"][inactive] = 0.0
-    for name in ("w", "mask", "advantages", "old_logprobs", "ref_logprobs", "rollout"):
-        kw[name][inactive] = float("nan")
     got = run_two_pass(kw, grad=nan_poisoned(kw["logits"]))
     check_two_pass(kw, got, clean, dtype)
     for out in got[1:]:

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from two_pass_reference import (OPTION_SETS, check_two_pass, make_two_pass_inputs, nan_poisoned,
-                                reference_two_pass)
+                                poison_inactive, reference_two_pass)
 
 _SPEC = importlib.util.spec_from_file_location(
     "two_pass_emulation", Path(__file__).resolve().parent.parent / "csrc" / "emulation" / "emulate.py")
@@ -64,13 +64,8 @@ def test_emulated_inactive_rows_are_never_read_and_in_place(so, dtype, cluster):
     kw = make_two_pass_inputs(B, L, V, T, 1, dtype, CPU, 21, OPTION_SETS["everything"], temperature="per_row",
                               active_fraction=0.6, shifted=True)
     clean = reference_two_pass(kw)
+    poison_inactive(kw, T)
     inactive = ~kw["active"]
-    r = inactive.nonzero()[:, 0]
-    kw["logits"][r // T, 1 + r % T] = float("nan")
-    kw["ids"][inactive] = -(10**15)
-    kw["temperature_rows"][inactive] = 0.0
-    for name in ("w", "mask", "advantages", "old_logprobs", "ref_logprobs", "rollout"):
-        kw[name][inactive] = float("nan")
     got = emulate.two_pass(so, kw, nan_poisoned(kw["logits"]), cluster)
     check_two_pass(kw, got, clean, dtype)
     for out in got[1:]:

@@ -223,3 +223,35 @@ def test_two_pass_ignores_masked_positions_and_propagates_active_nans(two_passes
     old[0, 0] = float("nan")  # an active position: the loss is NaN, never a number
     loss, _ = grpo_kernels.fused_grpo_loss(full, ids, adv, mask, old, ref, beta=0.04, backend="triton")
     assert torch.isnan(loss)
+
+
+def test_csrc_glue_under_the_same_plan(two_passes, monkeypatch):
+    """backend="cuda" takes csrc's two-pass kernel under the same Plan: here its float64 contract
+    (tests/two_pass_reference.py) stands in for the kernel, so what is checked is the glue (the
+    arguments, the sums, the full-output gradient) against the float64 reference of the loss."""
+    from two_pass_reference import two_pass_reference
+
+    from grpo_kernels import ops
+    from grpo_kernels.sweep import cuda
+
+    def kernel(logits, *args, grad=None, **kw):
+        got = two_pass_reference(logits, *args, **kw)
+        grad.copy_(got[0])
+        return (grad, *(t.float() for t in got[1:]))
+
+    monkeypatch.setattr(cuda, "two_pass", kernel)
+    monkeypatch.setattr(two_pass, "available", lambda backend, logits: backend in ("triton", "cuda"))
+    monkeypatch.setattr(ops, "require", lambda name, device: None)
+    monkeypatch.setattr(ops, "resolve_backend", lambda name, device: name)
+    B, T, V = 3, 4, 19
+    full, ids, adv, mask, old, ref = _problem(B, T, T + 1, V, seed=8)
+    kw = dict(beta=0.04, entropy_coef=0.01, temperature=0.9, loss_type="grpo", delta=2.0)
+    want_loss, want_metrics, want_grad = _reference_grad(full, ids, adv, mask, old, ref, **kw)
+    leaf = full.clone().requires_grad_()
+    loss, metrics = grpo_kernels.fused_grpo_loss(leaf, ids, adv, mask, old, ref, backend="cuda", **kw)
+    loss.backward()
+    assert two_passes == [0]
+    assert abs(float(loss) - float(want_loss)) < 1e-5 * (1 + abs(float(want_loss)))
+    assert_close(leaf.grad, want_grad, 1e-5, "gradient", atol=1e-9)
+    for name in ("kl", "entropy", "clip_ratio_low", "clip_ratio_high", "clip_ratio_region"):
+        assert abs(float(metrics[name]) - float(want_metrics[name])) < 1e-5, name

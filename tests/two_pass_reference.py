@@ -233,3 +233,13 @@ def nan_poisoned(logits):
     return torch.full(logits.shape, float("nan"), dtype=logits.dtype, device=logits.device)
 
 
+def poison_inactive(kw, T: int) -> None:
+    """Every input of the inactive rows made hostile (NaN logits and per-token inputs, an id far out of
+    range, temperature 0): a kernel that reads any of them shows it."""
+    inactive = ~kw["active"]
+    r = inactive.nonzero()[:, 0]
+    kw["logits"][r // T, 1 + r % T] = float("nan")
+    kw["ids"][inactive] = -(10**15)
+    kw["temperature_rows"][inactive] = 0.0
+    for name in ("w", "mask", "advantages", "old_logprobs", "ref_logprobs", "rollout"):
+        kw[name][inactive] = float("nan")

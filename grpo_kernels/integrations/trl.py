@@ -36,7 +36,8 @@ TRL's own code, untouched.
 - "logits": the model's own logits (its forward runs the LM head, including any logit
   scaling or soft-capping) at the T completion positions, passed to `fused_grpo_loss`: the
   model computes exactly those positions (`logits_to_keep` as a tensor of positions), or, for
-  a model that only takes a count, the view `logits[:, :-1][:, -T:]` (no copy). The
+  a model that only takes a count, its whole output (B, T + 1, V), of which `fused_grpo_loss`
+  scores rows [:-1] and writes the whole gradient itself (no slice for autograd to copy). The
   temperature is an argument of the sweep, never an in-place division. This
   holds the (B, T, V) logits and their gradient, which TRL 1.16's fused head does not, so it
   costs memory; it exists for models whose head the hidden path cannot reproduce (soft-capping)
@@ -332,8 +333,9 @@ class _FusedLoss:
 
     def _completion_logits(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                            logits_to_keep: int) -> torch.Tensor:
-        """The model's logits (B, K, V) at the K positions that predict the completion (position j
-        predicts token j + 1: the K positions before the last one)."""
+        """The model's logits at the K positions that predict the completion (position j predicts
+        token j + 1: the K positions before the last one): exactly (B, K, V), or the model's whole
+        output (B, L', V), whose rows L' - 1 - K .. L' - 2 our kernels score (the full-output form)."""
         K, L, keep = logits_to_keep, input_ids.size(1), self._grpo_kernels.logits_to_keep
         with self.accelerator.autocast():
             if keep == "positions":
@@ -344,7 +346,7 @@ class _FusedLoss:
                              logits_to_keep=positions).logits
             count = {"logits_to_keep": K + 1} if keep == "count" else {}
             logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **count).logits
-        return logits[:, :-1][:, -K:]  # views, no copy
+        return logits  # the full output: its gradient is written whole by our kernels, no slice backward
 
     def _completion_hidden(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                            logits_to_keep: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:

@@ -28,7 +28,7 @@ it in one pass otherwise (`_rescale_kernel`).
 """
 from __future__ import annotations
 
-import json
+import os
 from typing import Optional
 
 import torch
@@ -38,18 +38,18 @@ import triton.language as tl
 from .. import loss_triton
 from ..layout import Layout, Tokens
 from ..options import GRPOOptions, single_backward
+from .operators import zero_unscored
 from .triton import (_RUNTIME_INTS, _check_supported, _row_offset, _row_setup, _rows_aligned, expm1,
                      merge_statistics, online_softmax_step, row_args)
 
 Tensor = torch.Tensor
+
 
 def enabled() -> bool:
     """Whether token-local losses take this path on the Triton backend (GRPO_KERNELS_TWO_PASS=1).
     Off by default until a GPU measures it faster than the three passes: the first version ran
     4.2-5.5 ms at the work unit against 2.1 ms for three passes (bench/NOTES.md); this one is
     unmeasured."""
-    import os
-
     return os.environ.get("GRPO_KERNELS_TWO_PASS") == "1"
 
 
@@ -225,8 +225,6 @@ def default_block(V: int) -> tuple[int, int]:
     the kernel near 60 registers on sm_90 (32 a thread need ~170: too few programs resident).
     Under the interpreter a row is never split (its programs run one after another and could
     not wait for each other)."""
-    import os
-
     if os.environ.get("TRITON_INTERPRET") == "1":
         return triton.next_power_of_2(V), 4
     block = max(4096, triton.next_power_of_2(triton.cdiv(V, MAX_SPLIT)))
@@ -241,7 +239,6 @@ def two_pass_launch(rows: Tensor, grad_rows: Tensor, tokens: Tokens, plan: loss_
     `groups` rows in flight. count (N,) int32 zeros and part (N split 3,) fp32 are its exchange;
     `block` and `num_warps` override the defaults (the GPU probe measures them)."""
     B, T, V = rows.shape
-    N = B * T
     default, warps = default_block(V)
     block = block or default
     split = triton.cdiv(V, block)
@@ -289,7 +286,8 @@ def co_resident(kernel, args, meta, device: torch.device) -> int:
         limits = [65536 // (regs_per_warp * warps), 2048 // (32 * warps), 32]
         shared = compiled.metadata.shared
         if shared:
-            limits.append(props.shared_memory_per_multiprocessor // (shared + 1024))
+            per_sm = getattr(props, "shared_memory_per_multiprocessor", 228 * 1024)
+            limits.append(per_sm // (shared + 1024))
         _RESIDENT[key] = max(1, min(limits)) * props.multi_processor_count
     return _RESIDENT[key]
 
@@ -312,14 +310,6 @@ def launch(rows: Tensor, grad_rows: Tensor, tokens: Tokens, plan: loss_triton.Pl
     if split > 1:
         kernel, grid, args, meta = make(max(1, min(N, co_resident(kernel, args, meta, rows.device) // split)))
     kernel[grid](*args, **meta)
-
-
-def _zero_unscored(grad: Tensor, row_start: int, T: int) -> None:
-    """The rows of a full model output (B, L, V) outside [row_start, row_start + T) get a zero gradient."""
-    if row_start > 0:
-        grad[:, :row_start].zero_()
-    if row_start + T < grad.shape[1]:
-        grad[:, row_start + T:].zero_()
 
 
 def _tokens_of(ids, temperature, temperature_rows, mask, active, advantages, adv_per_seq, offsets, old, ref, rollout,
@@ -355,7 +345,7 @@ def _run(logits, row_start, ids, temperature, temperature_rows, mask, active, ad
     if backend == "cuda":
         _csrc_two_pass(logits, row_start, T, tokens, plan, o, grad, logprobs)
     else:
-        _zero_unscored(grad, row_start, T)
+        zero_unscored(grad, row_start, T)
         launch(logits.narrow(1, row_start, T), grad.narrow(1, row_start, T), tokens, plan, logprobs, entropy,
                entropy_coef != 0.0)
     loss, out = plan.finish()
@@ -380,9 +370,6 @@ def _csrc_two_pass(logits, row_start, T, tokens: Tokens, plan: loss_triton.Plan,
         has_entropy_grad=o.entropy_coef != 0.0, grad=grad)
     logprobs.copy_(lp)
     plan.sums = sums
-
-
-_SCHEMA_DOC = """(logits (B, L, V), row_start, per-token inputs, options) -> (loss, out (7,), logprobs (N,)[, grad])"""
 
 
 @torch.library.custom_op("grpo_kernels::two_pass_loss", mutates_args=())
@@ -456,8 +443,6 @@ def _(grad, g, grad_scale):
 
 
 def _interpreted() -> bool:
-    import os
-
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 

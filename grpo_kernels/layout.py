@@ -68,7 +68,7 @@ class Layout:
     def logits_rows(self, logits: torch.Tensor) -> torch.Tensor:
         """The logits (or hidden states) as a (B', T', X) view of the rows, never a copy."""
         full, row_start = self.scored_rows(logits)
-        return full.narrow(1, row_start, self.rows_per_batch(full))
+        return full.narrow(1, row_start, self.num_rows if self.packed else self.seq_len)
 
     def scored_rows(self, logits: torch.Tensor) -> tuple[torch.Tensor, int]:
         """(the logits as a (B', L, X) view, row_start): rows [row_start, row_start + T') of each
@@ -82,10 +82,6 @@ class Layout:
         if self.packed:
             return logits.unsqueeze(0), 0
         return logits.unflatten(0, (self.num_seqs, self.seq_len)), 0
-
-    def rows_per_batch(self, full: torch.Tensor) -> int:
-        """T' of a (B', L, X) view from scored_rows: the scored rows per batch entry."""
-        return self.num_rows if self.packed else self.seq_len
 
 
 class _SeqExpand(torch.autograd.Function):

@@ -4,8 +4,9 @@ Three paths, chosen here, each computing the same objective (docs/design.md):
 - two passes (sweep/two_pass.py): a token-local loss (SPEC section 14) on the Triton backend;
   one launch reads each active row once and writes its gradient in the forward (opt-in with
   GRPO_KERNELS_TWO_PASS=1 until a GPU measures it faster than three passes: two_pass.enabled);
-- three passes with the Triton loss (`TokenLevelLoss`): the rest of the clipped family on the
-  Triton backend (GSPO): the forward sweep, loss_triton.py's two kernels, the backward sweep;
+- three passes with the Triton loss (`TokenLevelLoss`): the clipped family on the Triton backend
+  (at token level while the two passes are off, and GSPO): the forward sweep, loss_triton.py's two
+  kernels, the backward sweep;
 - three passes with loss.py: everything else, and every other backend; autograd over loss.py's
   per-token graph supplies c_t = dL/dlogprob_t and e_t = dL/dentropy_t to the backward sweep.
 
@@ -18,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from . import loss_triton
-from .distributed import vocab_bounds
+from .distributed import vocab_bounds, vocab_parallel_sweep
 from .layout import Tokens, build_tokens, check_inplace, logprobs_result, rows_without_sequences
 from .loss import Metrics, objective
 from .options import GRPOOptions, check_bool, check_temperature, single_backward
@@ -46,12 +47,9 @@ def sweep(logits: Tensor, tokens: Tokens, backend: str, inplace: bool, tp_group=
         check_inplace(full)
     t_scalar, t_rows = tokens.temperature_args
     ids = tokens.ids
-    if tp_group is not None:
-        from .distributed import vocab_parallel_sweep
-
-        rows = full.narrow(1, row_start, tokens.layout.rows_per_batch(full))
-        return vocab_parallel_sweep(rows, ids, t_scalar, t_rows, tokens.active, vocab_start, backend, inplace,
-                                    tp_group)
+    if tp_group is not None:  # the shards' statistics need the collective first: rows as a view
+        return vocab_parallel_sweep(tokens.layout.logits_rows(logits), ids, t_scalar, t_rows, tokens.active,
+                                    vocab_start, backend, inplace, tp_group)
     logprobs, entropy, *_ = torch.ops.grpo_kernels.logits_sweep(full, row_start, ids, t_scalar, t_rows, tokens.active,
                                                                 0, False, backend, inplace, need_entropy)
     return logprobs, entropy

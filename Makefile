@@ -39,7 +39,7 @@ PY211    := $(VENV211)/bin/python
 STAMP211 := $(VENV211)/.installed
 TESTS211 ?= tests/test_compile.py tests/test_nan_semantics.py tests/test_hostile.py tests/test_errors.py \
             tests/test_fused_loss.py tests/test_loss_triton.py tests/test_packed.py tests/test_sweep.py \
-            tests/test_linear.py tests/test_launches.py
+            tests/test_linear.py tests/test_launches.py tests/test_two_pass.py
 
 $(STAMP211): pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV211)

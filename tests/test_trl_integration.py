@@ -430,6 +430,13 @@ def _ddp_worker(model_dir: str, tmp_dir: str, out: str) -> None:
             runs[case, head] = train(model_dir, Path(tmp_dir), "subclass", config, head=head)
     if int(os.environ["RANK"]) == 0:
         torch.save(runs, out)
+    # Leave the process group before the interpreter exits: gloo's threads torn down by the exit
+    # itself can abort a rank ("terminate called without an active exception").
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -53,10 +53,12 @@ class _Sums:
         """(N,) -> (S,): each sequence's masked mean (0 for an empty one)."""
         return self.layout.seq_sum(x * self.mask) / self.per_seq.clamp(min=1.0)
 
-    def token_mean(self, x: torch.Tensor) -> torch.Tensor:
-        """TRL's global_masked_mean for one process: a per-sequence (S,) value counts once per sequence."""
-        if x.shape[0] == self.layout.num_seqs and x.shape[0] != self.mask.shape[0]:
-            return x.sum() / max(x.shape[0], 1)
+    def token_mean(self, x: torch.Tensor, per_seq: bool = False) -> torch.Tensor:
+        """TRL's global_masked_mean for one process: a per-token (N,) value is a masked mean over
+        tokens; a per-sequence (S,) value (per_seq) counts once per sequence, empty ones included.
+        (Said, not guessed from the shape: packed rows can have S == N.)"""
+        if per_seq:
+            return x.sum() / max(self.layout.num_seqs, 1)
         return (x * self.mask).sum() / self.total.clamp(min=1.0)
 
 
@@ -376,7 +378,8 @@ def objective(logprobs: torch.Tensor, entropy: torch.Tensor, tokens: Tokens, o: 
     else:
         ratio = token_ratio
     # TRL's metrics count a (B, 1) quantity once per sequence.
-    metric_ratio, metric_A = (seq_ratio, A_raw) if seq_level and adv_per_seq else (ratio, A)
+    metric_per_seq = seq_level and adv_per_seq
+    metric_ratio, metric_A = (seq_ratio, A_raw) if metric_per_seq else (ratio, A)
 
     eps_low, eps_high = o.epsilon_low, o.eps_high
     clip_low = clip_high = clip_region = None
@@ -393,11 +396,12 @@ def objective(logprobs: torch.Tensor, entropy: torch.Tensor, tokens: Tokens, o: 
             per_token_loss = torch.where(A < 0, torch.min(per_token_loss, -o.dual_clip * A), per_token_loss)
         is_low = (metric_ratio < 1.0 - eps_low) & (metric_A < 0)
         is_high = (metric_ratio > 1.0 + eps_high) & (metric_A > 0)
-        clip_low, clip_high = sums.token_mean(is_low.to(dtype)), sums.token_mean(is_high.to(dtype))
-        clip_region = sums.token_mean((is_low | is_high).to(dtype))
+        clip_low = sums.token_mean(is_low.to(dtype), metric_per_seq)
+        clip_high = sums.token_mean(is_high.to(dtype), metric_per_seq)
+        clip_region = sums.token_mean((is_low | is_high).to(dtype), metric_per_seq)
     elif o.loss_type == "cispo":  # epsilon_high is an absolute cap on the detached weight
         per_token_loss = -torch.clamp(ratio, max=eps_high).detach() * A * logprobs
-        clip_high = sums.token_mean(((metric_ratio > eps_high) & (metric_A > 0)).to(dtype))
+        clip_high = sums.token_mean(((metric_ratio > eps_high) & (metric_A > 0)).to(dtype), metric_per_seq)
     elif o.loss_type == "sapo":
         tau = _select(A > 0, o.sapo_temperature_pos, o.sapo_temperature_neg, A)
         per_token_loss = -(torch.sigmoid(tau * (ratio - 1.0)) * 4.0 / tau) * A

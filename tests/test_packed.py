@@ -207,3 +207,20 @@ def test_bad_values_on_a_device_poison_the_loss_instead_of_waiting():
         assert torch.isfinite(loss)
     finally:
         layout.eager_cpu = real
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sequence_level_clip_ratios_count_every_sequence_when_s_equals_n(backend):
+    """GSPO's clip ratios with per-sequence advantages count once per sequence, empty ones included
+    (TRL's masked_batch_mean of a (B, 1) tensor), also when the packed rows happen to number S: with
+    lengths [0, 0, 0, 4] a per-sequence vector was once taken for a per-token one (0.333 for 0.25)."""
+    o = dict(loss_type="grpo", importance_sampling_level="sequence", beta=0.0, max_completion_length=4)
+    for seed in range(6):
+        packed, padded, _ = packed_batch([0, 0, 0, 4], 5, seed)
+        _, m_p, _ = run(grpo_kernels.fused_grpo_loss, packed, o, backend)
+        _, m_d, _ = run(grpo_kernels.fused_grpo_loss, padded, o, backend)
+        _, m_w, _ = run(reference.grpo_loss, as64(packed), o)
+        for name in ("clip_ratio_low", "clip_ratio_high", "clip_ratio_region"):
+            assert float(m_w[name]) * 4 == round(float(m_w[name]) * 4), (name, float(m_w[name]))  # k / S
+            for got in (m_p[name], m_d[name]):
+                assert abs(float(got) - float(m_w[name])) < 1e-6, (seed, name, float(got), float(m_w[name]))

@@ -55,6 +55,19 @@ def _nonfinite(x):
 
 
 @triton.jit
+def _sequence_rows(s, offsets_ptr, T, PACKED: tl.constexpr):
+    """[start, end) of sequence s's rows: s T .. s T + T padded, offsets[s] .. offsets[s + 1] packed
+    (layout.Layout's two layouts, as the kernels see them)."""
+    if PACKED:
+        start = tl.load(offsets_ptr + s)
+        end = tl.load(offsets_ptr + s + 1)
+    else:
+        start = s * T
+        end = start + T
+    return start, end
+
+
+@triton.jit
 def _mask(mask_ptr, rows, ok, HAS_MASK: tl.constexpr):
     """The mask weights of a block of rows as fp32 (1 where there is no mask, 0 past the sequence)."""
     m = tl.where(ok, 1.0, 0.0)
@@ -181,12 +194,7 @@ def _loss_kernel(
     A masked row (mask 0) is never read; a NaN or inf input of an active row makes the loss and that
     row's coefficient NaN (docs/design.md, "Non-finite inputs")."""
     s = tl.program_id(0).to(tl.int64)
-    if PACKED:
-        start = tl.load(offsets_ptr + s)
-        end = tl.load(offsets_ptr + s + 1)
-    else:
-        start = s * T
-        end = start + T
+    start, end = _sequence_rows(s, offsets_ptr, T, PACKED)
     idx = tl.arange(0, BLOCK)
     if ADV_PER_SEQ:
         A_seq = tl.load(adv_ptr + s).to(tl.float32)
@@ -427,12 +435,7 @@ def _plan_kernel(mask_ptr, adv_ptr, offsets_ptr, w_ptr, adv_tok_ptr, seq_n_ptr, 
     w[row] = mask (/ max(seq_n, 1) with SEQ_MEAN: grpo's per-sequence mean) and, with
     ADV_PER_SEQ, adv_tok[row] = adv[s]."""
     s = tl.program_id(0).to(tl.int64)
-    if PACKED:
-        start = tl.load(offsets_ptr + s)
-        end = tl.load(offsets_ptr + s + 1)
-    else:
-        start = s * T
-        end = start + T
+    start, end = _sequence_rows(s, offsets_ptr, T, PACKED)
     idx = tl.arange(0, BLOCK)
     n = 0.0
     for b in range(start, end, BLOCK):

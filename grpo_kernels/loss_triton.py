@@ -87,7 +87,8 @@ def _surrogate(ratio, A, eps_low, eps_high, delta, dual_clip, HAS_DELTA: tl.cons
     if HAS_DELTA:
         u = tl.minimum(ratio, delta, propagate_nan=tl.PropagateNan.ALL)
         du = tl.where(ratio <= delta, 1.0, 0.0)
-    c = tl.minimum(tl.maximum(ratio, 1.0 - eps_low, propagate_nan=tl.PropagateNan.ALL), 1.0 + eps_high, propagate_nan=tl.PropagateNan.ALL)
+    c = tl.minimum(tl.maximum(ratio, 1.0 - eps_low, propagate_nan=tl.PropagateNan.ALL), 1.0 + eps_high,
+                   propagate_nan=tl.PropagateNan.ALL)
     dc = tl.where((ratio >= 1.0 - eps_low) & (ratio <= 1.0 + eps_high), 1.0, 0.0)
     uA = u * A
     cA = c * A
@@ -276,6 +277,21 @@ def _loss_kernel(
     tl.store(out + 6 * S, region_sum)
 
 
+@triton.jit
+def _normalisers(total_m, divisor, n_items_ptr, DIVISOR: tl.constexpr):
+    """(max(sum of the mask, 1), n): the mask's normaliser and the batch normaliser n of the loss.
+    DIVISOR: 0 = the mask's sum, 1 = the scalar `divisor`, 2 = the tensor n_items[0]. A NaN stays
+    NaN, as torch.clamp."""
+    m_div = tl.maximum(total_m, 1.0, propagate_nan=tl.PropagateNan.ALL)
+    if DIVISOR == 0:
+        n = m_div
+    elif DIVISOR == 1:
+        n = tl.maximum(divisor, 1.0)
+    else:
+        n = tl.maximum(tl.load(n_items_ptr).to(tl.float32), 1.0, propagate_nan=tl.PropagateNan.ALL)
+    return m_div, n
+
+
 @triton.jit(do_not_specialize=["S"])
 def _sums_kernel(
     sums_ptr, n_items_ptr, loss_ptr, out_ptr, S, divisor, entropy_coef,
@@ -303,13 +319,7 @@ def _sums_kernel(
         total_low += tl.sum(tl.load(p + 4 * S, mask=ok, other=0.0), axis=0)
         total_high += tl.sum(tl.load(p + 5 * S, mask=ok, other=0.0), axis=0)
         total_region += tl.sum(tl.load(p + 6 * S, mask=ok, other=0.0), axis=0)
-    m_div = tl.maximum(total_m, 1.0, propagate_nan=tl.PropagateNan.ALL)  # NaN stays NaN, as torch.clamp
-    if DIVISOR == 0:
-        n = m_div
-    elif DIVISOR == 1:
-        n = tl.maximum(divisor, 1.0)
-    else:
-        n = tl.maximum(tl.load(n_items_ptr).to(tl.float32), 1.0, propagate_nan=tl.PropagateNan.ALL)
+    m_div, n = _normalisers(total_m, divisor, n_items_ptr, DIVISOR)
     clip_div = m_div
     if CLIP_PER_SEQ:
         clip_div = tl.maximum(S * 1.0, 1.0)
@@ -464,13 +474,7 @@ def _plan_scalars_kernel(seq_n_ptr, n_items_ptr, scal_ptr, S, divisor, entropy_c
     total = 0.0
     for start in range(0, S, BLOCK):
         total += tl.sum(tl.load(seq_n_ptr + start + idx, mask=start + idx < S, other=0.0), axis=0)
-    m_div = tl.maximum(total, 1.0, propagate_nan=tl.PropagateNan.ALL)
-    if DIVISOR == 0:
-        n = m_div
-    elif DIVISOR == 1:
-        n = tl.maximum(divisor, 1.0)
-    else:
-        n = tl.maximum(tl.load(n_items_ptr).to(tl.float32), 1.0, propagate_nan=tl.PropagateNan.ALL)
+    m_div, n = _normalisers(total, divisor, n_items_ptr, DIVISOR)
     tl.store(scal_ptr, grad_scale / n)
     tl.store(scal_ptr + 1, -entropy_coef * grad_scale / m_div)
 

@@ -375,30 +375,31 @@ def _csrc_two_pass(logits, row_start, T, tokens: Tokens, plan: loss_triton.Plan,
 @torch.library.custom_op("grpo_kernels::two_pass_loss", mutates_args=())
 def two_pass_loss(logits: Tensor, row_start: int, ids: Tensor, temperature: float, temperature_rows: Optional[Tensor],
                   mask: Optional[Tensor], active: Optional[Tensor], advantages: Tensor, adv_per_seq: bool,
-                  offsets: Optional[Tensor], old: Optional[Tensor], ref: Optional[Tensor], rollout: Optional[Tensor], n_items: Optional[Tensor],
-                  num_seqs: int, seq_len: int, loss_type: str, beta: float, eps_low: float, eps_high: float,
-                  delta: Optional[float], dual_clip: Optional[float], kl_estimator: str, kl_ratio_weight: bool,
-                  entropy_coef: float, divisor_code: int, divisor: float, grad_scale: float, backend: str
+                  offsets: Optional[Tensor], old: Optional[Tensor], ref: Optional[Tensor], rollout: Optional[Tensor],
+                  n_items: Optional[Tensor], num_seqs: int, seq_len: int, loss_type: str, beta: float, eps_low: float,
+                  eps_high: float, delta: Optional[float], dual_clip: Optional[float], kl_estimator: str,
+                  kl_ratio_weight: bool, entropy_coef: float, divisor_code: int, divisor: float, grad_scale: float,
+                  backend: str
                   ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The token-local loss of the rows [row_start, row_start + T) of logits (B, L, V): the loss,
     out (kl, entropy, clip low/high/region, 1/n, e_scale), the log-probs (N,), and the gradient
     of the whole of logits times grad_scale (zeros on the rows not scored)."""
     grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     loss, out, logprobs = _run(logits, row_start, ids, temperature, temperature_rows, mask, active, advantages,
-                               adv_per_seq,
-                               offsets, old, ref, rollout, n_items, num_seqs, seq_len, loss_type, beta, eps_low,
-                               eps_high, delta, dual_clip, kl_estimator, kl_ratio_weight, entropy_coef, divisor_code,
-                               divisor, grad_scale, backend, grad)
+                               adv_per_seq, offsets, old, ref, rollout, n_items, num_seqs, seq_len, loss_type, beta,
+                               eps_low, eps_high, delta, dual_clip, kl_estimator, kl_ratio_weight, entropy_coef,
+                               divisor_code, divisor, grad_scale, backend, grad)
     return loss, out, logprobs, grad
 
 
 @torch.library.custom_op("grpo_kernels::two_pass_loss_", mutates_args=("logits",))
 def two_pass_loss_(logits: Tensor, row_start: int, ids: Tensor, temperature: float, temperature_rows: Optional[Tensor],
                    mask: Optional[Tensor], active: Optional[Tensor], advantages: Tensor, adv_per_seq: bool,
-                   offsets: Optional[Tensor], old: Optional[Tensor], ref: Optional[Tensor], rollout: Optional[Tensor], n_items: Optional[Tensor],
-                   num_seqs: int, seq_len: int, loss_type: str, beta: float, eps_low: float, eps_high: float,
-                   delta: Optional[float], dual_clip: Optional[float], kl_estimator: str, kl_ratio_weight: bool,
-                   entropy_coef: float, divisor_code: int, divisor: float, grad_scale: float, backend: str
+                   offsets: Optional[Tensor], old: Optional[Tensor], ref: Optional[Tensor], rollout: Optional[Tensor],
+                   n_items: Optional[Tensor], num_seqs: int, seq_len: int, loss_type: str, beta: float, eps_low: float,
+                   eps_high: float, delta: Optional[float], dual_clip: Optional[float], kl_estimator: str,
+                   kl_ratio_weight: bool, entropy_coef: float, divisor_code: int, divisor: float, grad_scale: float,
+                  backend: str
                    ) -> tuple[Tensor, Tensor, Tensor]:
     """two_pass_loss with the gradient written into the logits' own storage (inplace_backward):
     each element is read before it is overwritten; the declared mutation bumps their version."""
